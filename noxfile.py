@@ -1,0 +1,62 @@
+"""parity: is a new model numerically right under every backend it will run on?
+
+    nox -l                                  list sessions
+    nox -s patch -- qwen3 qwen3_moe         patch suite in every backend variant, then merge
+    nox -s "patch(eager)" -- qwen3          one variant
+    nox -s merge -- --results results/      merge any results folder
+    nox --no-venv -s patch -- qwen3         GPU images: use the current interpreter, install nothing
+
+The session bodies live in sessions/; this file only declares them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nox
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from sessions import suites  # noqa: E402
+from sessions.variants import VARIANTS  # noqa: E402
+
+nox.needs_version = ">=2025.02.09"
+nox.options.default_venv_backend = "virtualenv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["patch"]
+
+
+@nox.session(reuse_venv=True)
+@nox.parametrize("backend", list(VARIANTS), ids=list(VARIANTS))
+def patch(session: nox.Session, backend: str) -> None:
+    """Single-device fwd/bwd parity of each model across attention and MoE backends, then merge.
+
+    Usage: nox -s patch -- [MODEL ...] [--results DIR] [--timeout S] [--require fa2|fa3]
+    No MODEL means every case in tests/models/test_models_patch.py. Each variant (eager, fa2, fa3)
+    runs in its own env; a variant that cannot run on this machine is skipped with the reason.
+    """
+    suites.run_patch(session, backend)
+
+
+@nox.session(venv_backend="none")
+def merge(session: nox.Session) -> None:
+    """Compare every record in a results folder with its reference; exit 0 pass, 1 breach, 2 invalid.
+
+    Usage: nox -s merge -- [--results DIR] [--suite patch] [--models M ...] [--require VARIANT]
+    Prints one table and writes summary.json and summary.md into the results folder.
+    """
+    suites.run_merge(session)
+
+
+@nox.session(reuse_venv=True)
+def tests(session: nox.Session) -> None:
+    """The toolkit's own test suite on CPU (what CI runs). Extra args go to pytest."""
+    suites.run_tests(session)
+
+
+@nox.session(reuse_venv=True)
+def lint(session: nox.Session) -> None:
+    """ruff over the whole project."""
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", ".")

@@ -1,0 +1,168 @@
+"""Session bodies: run a suite in a variant's env, record what ran or why not, then merge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import nox
+
+from sessions import envs
+from sessions.hardware import hardware_skip_reason
+from sessions.variants import ROOT, VARIANTS, Variant
+
+SRC = ROOT / "src"
+sys.path.insert(0, str(SRC))  # parity's torch-free modules (records, merge) are importable here
+
+from parity.records import RunManifest, results_path, run_manifest_path, write_json_atomic  # noqa: E402
+
+PATCH_TEST = ROOT / "tests" / "models" / "test_models_patch.py"
+DEFAULT_RESULTS = ROOT / "results"
+DEFAULT_TEST_TIMEOUT_S = 900
+
+
+def known_cases(test_file: Path) -> list[str]:
+    """The case ids of a suite, read from its pytest.param(..., id="...") list without importing it."""
+    return re.findall(r"""\bid\s*=\s*["']([A-Za-z0-9_.\-]+)["']""", test_file.read_text())
+
+
+def parse_suite_args(session: nox.Session, cases: list[str], usage: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=usage, add_help=False)
+    parser.add_argument("models", nargs="*")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TEST_TIMEOUT_S, help="seconds per test case")
+    parser.add_argument("--require", action="append", default=[], help="variant that must not be skipped")
+    try:
+        args = parser.parse_args(session.posargs)
+    except SystemExit:
+        session.error(f"usage: {usage} [MODEL ...] [--results DIR] [--timeout S] [--require VARIANT]")
+    unknown = [m for m in args.models if m not in cases]
+    if unknown:
+        session.error(f"unknown model id(s): {', '.join(unknown)}. Known: {', '.join(cases)}")
+    if not args.timeout > 0:
+        session.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    for variant in args.require:
+        if variant not in VARIANTS:
+            session.error(f"--require {variant}: unknown variant; known: {', '.join(VARIANTS)}")
+    args.models = args.models or list(cases)
+    args.results = args.results.resolve()
+    return args
+
+
+def _clear_previous(results: Path, suite: str, variant: str, models: list[str]) -> None:
+    """Old records of the same (variant, model) would be merged as if they were this run's."""
+    run_manifest_path(results, suite, variant).unlink(missing_ok=True)
+    for model in models:
+        results_path(results, suite, variant, model).unlink(missing_ok=True)
+
+
+def _skip(session: nox.Session, manifest: RunManifest, results: Path, reason: str) -> None:
+    manifest.status, manifest.reason = "skipped", reason
+    write_json_atomic(run_manifest_path(results, manifest.suite, manifest.variant), manifest.to_json())
+    session.skip(reason)
+
+
+def _env(results: Path, variant: str) -> dict[str, str]:
+    return {
+        "PARITY_VARIANT": variant,
+        "PARITY_RESULTS": str(results),
+        "PYTHONPATH": os.pathsep.join([str(SRC), str(ROOT)]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def probe_variant(session: nox.Session, variant: Variant, env: dict[str, str]) -> tuple[bool, dict]:
+    cmd = [envs.python(session), "-m", "parity.probe", *[a for m in variant.modules for a in ("--module", m)]]
+    if variant.needs_cuda:
+        cmd.append("--needs-cuda")
+    if variant.min_capability:
+        cmd += ["--min-capability", ".".join(map(str, variant.min_capability))]
+    out = session.run(*cmd, env=env, silent=True, success_codes=[0, 3], external=True) or ""
+    lines = [line for line in out.strip().splitlines() if line.startswith("{")]
+    if not lines:
+        session.error(f"probe printed no result:\n{out}")
+    info = json.loads(lines[-1])
+    return bool(info.get("ok")), info
+
+
+def run_patch(session: nox.Session, variant_name: str) -> None:
+    variant = VARIANTS[variant_name]
+    cases = known_cases(PATCH_TEST)
+    args = parse_suite_args(session, cases, f"nox -s 'patch({variant_name})' --")
+    merge_args = ["--results", str(args.results), "--suite", "patch", "--models", *args.models]
+    for required in args.require:
+        merge_args += ["--require", required]
+    session.notify("merge", posargs=merge_args)
+
+    _clear_previous(args.results, "patch", variant.name, args.models)
+    manifest = RunManifest("patch", variant.name, args.models, "ran")
+    reason = hardware_skip_reason(variant)
+    if reason:
+        _skip(session, manifest, args.results, reason)
+    try:
+        session.log(envs.prepare(session, [variant.requirements]))
+    except envs.InstallFailed as exc:
+        _skip(session, manifest, args.results, str(exc))
+    env = _env(args.results, variant.name)
+    ok, info = probe_variant(session, variant, env)
+    session.log("probe: " + json.dumps(info, sort_keys=True))
+    if not ok:
+        _skip(session, manifest, args.results, f"{variant.name}: {info.get('reason')}")
+    manifest.extra = {"probe": info}
+
+    node_ids = [f"{PATCH_TEST.relative_to(ROOT)}::test_models_patch_fwd_bwd[{m}]" for m in args.models]
+    pytest_args = ["-p", "no:cacheprovider", "-v", "-s", f"--rootdir={ROOT}"]
+    if info.get("pytest_timeout"):
+        pytest_args += [f"--timeout={args.timeout:g}", "--timeout-method=thread"]
+    else:
+        session.warn("pytest-timeout is not installed in this env: a hung case will not be stopped")
+    session.log(f"patch({variant.name}): {len(args.models)} model(s), results -> {args.results}")
+    with session.chdir(ROOT):
+        code = _run_pytest(session, [*pytest_args, *node_ids], env)
+    manifest.exit_code = code
+    manifest.status = "ran" if code in (0, 1) else "failed"
+    if code not in (0, 1):
+        manifest.reason = f"pytest exited with code {code} (usage/internal error, or interrupted)"
+    write_json_atomic(run_manifest_path(args.results, "patch", variant.name), manifest.to_json())
+    if code != 0:
+        session.error(f"patch({variant.name}): pytest exit code {code}; the merge below names each failure")
+
+
+def _run_pytest(session: nox.Session, args: list[str], env: dict[str, str]) -> int:
+    """Run pytest and return its exit code instead of raising, so the manifest can record it."""
+    wrapper = "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))"
+    try:
+        session.run(envs.python(session), "-c", wrapper, *args, env=env, external=True)
+    except nox.command.CommandFailed as exc:
+        code = getattr(exc, "return_code", None)
+        if code is None:
+            match = re.search(r"(-?\d+)", str(getattr(exc, "reason", "") or ""))
+            code = int(match.group(1)) if match else 1
+        return code
+    return 0
+
+
+def run_merge(session: nox.Session) -> None:
+    env = {"PYTHONPATH": str(SRC)}
+    session.run(sys.executable, "-m", "parity.merge", *session.posargs, env=env, external=True)
+
+
+def run_tests(session: nox.Session) -> None:
+    session.log(envs.prepare(session, [envs.variant_requirements("eager"), envs.variant_requirements("dev")]))
+    env = _env(Path(session.create_tmp()) / "results", "eager")
+    env.pop("PARITY_RESULTS")
+    with session.chdir(ROOT):
+        session.run(
+            envs.python(session),
+            "-m",
+            "pytest",
+            *(session.posargs or ["tests", "-q"]),
+            env=env,
+            external=True,
+        )

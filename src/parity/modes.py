@@ -1,0 +1,68 @@
+"""The mode grid: which (modeling backend, attention, experts) combinations a variant runs.
+
+Kept torch-free so the nox sessions and the merge can name modes without importing torch. Each
+backend variant (one isolated environment) runs its own modes *plus* the reference mode, so every
+environment carries an anchor that the merge can hold against the other environments' anchors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Backend variants, in the order the sessions run them.
+VARIANTS = ("eager", "fa2", "fa3")
+
+#: HF attention implementations each variant exists to exercise (besides the eager reference).
+HF_ATTENTION = {
+    "eager": ("sdpa",),
+    "fa2": ("flash_attention_2",),
+    "fa3": ("flash_attention_3",),
+}
+#: HF experts implementations every MoE case runs (transformers' own loop and its grouped GEMM).
+HF_EXPERTS = ("eager", "grouped_mm")
+
+REFERENCE_ATTENTION = "eager"
+REFERENCE_EXPERTS = "eager"
+
+
+@dataclass(frozen=True)
+class ModelMode:
+    """One way of running a model. Frozen so it can key dictionaries of results."""
+
+    modeling_backend: str  # "hf" (transformers as shipped) or "parity" (parity's patched backend)
+    attn_implementation: str
+    moe_implementation: str | None = None  # None for dense models
+
+    @property
+    def id(self) -> str:
+        parts = [self.modeling_backend, f"attn-{self.attn_implementation}"]
+        if self.moe_implementation is not None:
+            parts.append(f"moe-{self.moe_implementation}")
+        return "_".join(parts)
+
+    def __str__(self) -> str:
+        return self.id
+
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "id": self.id,
+            "modeling_backend": self.modeling_backend,
+            "attn_implementation": self.attn_implementation,
+            "moe_implementation": self.moe_implementation,
+        }
+
+
+def reference_mode(is_moe: bool) -> ModelMode:
+    """HF eager attention (and eager experts): the slowest, most literal implementation."""
+    return ModelMode("hf", REFERENCE_ATTENTION, REFERENCE_EXPERTS if is_moe else None)
+
+
+def hf_modes(variant: str, is_moe: bool) -> list[ModelMode]:
+    """The reference first, then every HF mode this variant exists to exercise."""
+    if variant not in HF_ATTENTION:
+        raise ValueError(f"unknown backend variant {variant!r}; known: {', '.join(VARIANTS)}")
+    attentions = (REFERENCE_ATTENTION, *HF_ATTENTION[variant])
+    experts: tuple[str | None, ...] = HF_EXPERTS if is_moe else (None,)
+    modes = [ModelMode("hf", attn, moe) for attn in attentions for moe in experts]
+    ref = reference_mode(is_moe)
+    return [ref] + [m for m in modes if m != ref]

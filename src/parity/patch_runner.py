@@ -1,0 +1,203 @@
+"""One forward+backward per mode on identical weights and an identical packed batch.
+
+The patch suite's body. Each mode gets a freshly built model (same CPU seed, so bit-identical
+weights), runs one forward+backward on the same packed batch, and yields a self-contained record:
+what was requested, what actually ran (call trace), loss, total grad norm, tolerance and the
+environment fingerprint. Records are written after every mode so a crash loses only the mode that
+crashed. The test asserts on the same comparison the merge uses, so a plain pytest run fails on a
+breach too.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parity import toy
+from parity.backend_trace import trace_backends
+from parity.batches import packed_batch
+from parity.compare import deviation, resolution_mismatch, vacuity
+from parity.fingerprint import fingerprint
+from parity.modes import ModelMode
+from parity.records import ResultsWriter, Tolerance
+
+SUITE = "patch"
+SEED = 0
+DATA_SEED = 1
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how the suite runs; filled from the environment the nox session sets."""
+
+    variant: str
+    device: torch.device
+    dtype: torch.dtype
+    results: Path
+
+    @classmethod
+    def from_env(cls, default_results: Path) -> RunSettings:
+        device = torch.device(
+            os.environ.get("PARITY_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        dtype_name = os.environ.get("PARITY_DTYPE") or ("bfloat16" if device.type == "cuda" else "float32")
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"PARITY_DTYPE={dtype_name!r} is not a torch dtype (use float32 or bfloat16)")
+        results = Path(os.environ.get("PARITY_RESULTS") or default_results)
+        return cls(os.environ.get("PARITY_VARIANT", "eager"), device, dtype, results)
+
+
+def total_grad_norm(model: torch.nn.Module) -> float:
+    """L2 norm over every parameter gradient, accumulated in fp32 (the number a clipper would see)."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    if not norms:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def kernel_provider(mode: ModelMode) -> str | None:
+    """Which kernel library served a parity attention backend (None for HF backends)."""
+    if mode.modeling_backend != "parity":
+        return None
+    try:
+        from parity import attention
+    except ImportError:
+        return None
+    used = attention.kernel_providers_used()
+    return ", ".join(f"{k}={v}" for k, v in sorted(used.items())) or None
+
+
+def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> dict[str, Any]:
+    """Build, forward, backward; return requested/resolved backends and the metrics."""
+    model = toy.build_model(
+        config,
+        attn_implementation=mode.attn_implementation,
+        experts_implementation=mode.moe_implementation,
+        dtype=settings.dtype,
+        device=settings.device,
+        seed=SEED,
+    )
+    batch = packed_batch(config, seed=DATA_SEED, model=model).to(settings.device, settings.dtype)
+    if mode.modeling_backend == "parity":
+        from parity import attention
+
+        attention.reset_kernel_log()
+    start = time.perf_counter()
+    with trace_backends() as trace:
+        out = model(**batch.inputs, use_cache=False)
+        loss = out.loss
+        loss.backward()
+    grad_norm = total_grad_norm(model)
+    if settings.device.type == "cuda":
+        torch.cuda.synchronize(settings.device)
+    elapsed = time.perf_counter() - start
+    resolved = {"attn_implementation": trace.resolved("attention")}
+    if mode.moe_implementation is not None:
+        resolved["moe_implementation"] = trace.resolved("experts")
+    provider = kernel_provider(mode)
+    if provider:
+        resolved["kernel_provider"] = provider
+    result = {
+        "resolved": resolved,
+        "metrics": {
+            "loss": float(loss.detach().float()),
+            "grad_norm": grad_norm,
+            "wall_s": round(elapsed, 4),
+        },
+    }
+    del model, out, loss, batch
+    _release(settings.device)
+    return result
+
+
+def run_case(
+    case_id: str,
+    config_path: str | Path,
+    modes: Iterable[ModelMode],
+    tolerance: Tolerance,
+    settings: RunSettings,
+) -> list[dict[str, Any]]:
+    """Run every mode (reference first), writing records as we go; return the records."""
+    modes = list(modes)
+    config = toy.load_config(config_path)
+    cfg_hash = toy.config_hash(toy.config_path(str(config_path)))
+    env = fingerprint(device=settings.device, dtype=settings.dtype, seed=SEED, config_hash=cfg_hash)
+    writer = ResultsWriter(settings.results, SUITE, settings.variant, case_id, [m.id for m in modes])
+    records = []
+    for mode in modes:
+        record: dict[str, Any] = {
+            "suite": SUITE,
+            "model": case_id,
+            "variant": settings.variant,
+            "mode": mode.to_json(),
+            "requested": {"attn_implementation": mode.attn_implementation}
+            | ({"moe_implementation": mode.moe_implementation} if mode.moe_implementation else {}),
+            "tolerance": tolerance.to_json(),
+            "fingerprint": env,
+        }
+        print(f"[parity] {settings.variant} {case_id} {mode.id} ...", flush=True)
+        try:
+            record.update(run_mode(config, mode, settings))
+            record["status"] = "ok"
+            m = record["metrics"]
+            print(
+                f"[parity]   loss={m['loss']:.8g} grad_norm={m['grad_norm']:.8g} ({m['wall_s']:.2f}s)",
+                flush=True,
+            )
+        except Exception:  # a mode that raises is a finding about the model, recorded and reported
+            record.update(status="error", error=traceback.format_exc(), resolved={}, metrics={})
+            print(f"[parity]   ERROR: {record['error'].strip().splitlines()[-1]}", flush=True)
+            _release(settings.device)
+        writer.add(record)
+        records.append(record)
+    return records
+
+
+def failures(records: list[dict[str, Any]], tolerance: Tolerance) -> list[str]:
+    """The same verdicts the merge gives, as messages, for the in-test assertion."""
+    problems = []
+    ref = records[0]
+    if ref["status"] != "ok":
+        return [f"reference {ref['mode']['id']} raised:\n{ref.get('error', '')}"]
+    ref_dead = vacuity(ref["metrics"])
+    if ref_dead:
+        problems.append(f"reference {ref['mode']['id']} is a dead run: {ref_dead}")
+    for rec in records:
+        mode_id = rec["mode"]["id"]
+        if rec["status"] != "ok":
+            problems.append(f"{mode_id} raised:\n{rec.get('error', '')}")
+            continue
+        mismatch = resolution_mismatch(rec)
+        if mismatch:
+            problems.append(f"{mode_id}: requested backend did not run: {mismatch}")
+        dead = vacuity(rec["metrics"])
+        if dead:
+            problems.append(f"{mode_id}: dead run: {dead}")
+        if rec is ref or ref_dead or dead:
+            continue
+        dev = deviation(rec["metrics"], ref["metrics"], tolerance)
+        if not dev.ok:
+            problems.append(
+                f"{mode_id}: {dev.worst} deviates {dev.max_abs:.3g} abs / {dev.max_rel:.3g} rel from "
+                f"{ref['mode']['id']} (rtol={tolerance.rtol:g}, atol={tolerance.atol:g})"
+            )
+        if not (math.isfinite(dev.max_abs)):
+            problems.append(f"{mode_id}: metrics not comparable with the reference")
+    return problems

@@ -1,0 +1,225 @@
+"""The merge must pass good evidence, and fail loudly and specifically on every planted fault."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import make_record
+
+from parity.merge import EXIT_BREACH, EXIT_INVALID, EXIT_OK, main, merge
+
+
+def problems(report) -> str:
+    return "\n".join(msg for _, msg in report.problems)
+
+
+def test_clean_run_passes_and_writes_summary(folder, capsys):
+    folder.add_run()
+    folder.add_model()
+    assert main(["--results", str(folder.root)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "hf_attn-sdpa" in out and "PASS" in out and "REF" in out
+    summary = json.loads((folder.root / "summary.json").read_text())
+    assert summary["exit_code"] == 0
+    rows = {r["mode"]: r for r in summary["rows"]}
+    assert float(rows["hf_attn-sdpa"]["max_abs"]) == pytest.approx(1e-4, rel=1e-3)
+    assert "| qwen3 |" in (folder.root / "summary.md").read_text()
+
+
+def test_planted_ten_percent_loss_change_is_a_breach_naming_the_model(folder, capsys):
+    folder.add_run()
+    path = folder.add_model()
+    folder.edit(
+        path, lambda p: p["records"][1]["metrics"].update(loss=p["records"][1]["metrics"]["loss"] * 1.1)
+    )
+    assert main(["--results", str(folder.root)]) == EXIT_BREACH
+    err = capsys.readouterr().err
+    assert "qwen3" in err and "hf_attn-sdpa" in err and "loss" in err
+
+
+def test_grad_norm_breach_is_caught_too(folder):
+    folder.add_run()
+    path = folder.add_model()
+    folder.edit(path, lambda p: p["records"][1]["metrics"].update(grad_norm=2.0))
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_BREACH and "grad_norm" in problems(report)
+
+
+def test_resolved_backend_mismatch_is_invalid(folder):
+    """transformers silently fell back: sdpa was requested, eager ran."""
+    folder.add_run()
+    folder.add_model(
+        records=[
+            make_record("hf_attn-eager", "eager", None, 5.5, 1.2),
+            make_record("hf_attn-sdpa", "sdpa", None, 5.5, 1.2, resolved_attn="eager"),
+        ]
+    )
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_INVALID
+    assert "requested 'sdpa', ran 'eager'" in problems(report)
+
+
+def test_resolved_experts_mismatch_is_invalid(folder):
+    folder.add_run()
+    folder.add_model(
+        records=[
+            make_record("hf_attn-eager_moe-eager", "eager", "eager", 5.5, 1.2),
+            make_record(
+                "hf_attn-eager_moe-grouped_mm", "eager", "grouped_mm", 5.5, 1.2, resolved_moe="eager"
+            ),
+        ]
+    )
+    assert "moe_implementation: requested 'grouped_mm', ran 'eager'" in problems(merge(folder.root))
+
+
+@pytest.mark.parametrize(
+    "metrics, why",
+    [
+        ({"loss": math.nan, "grad_norm": 1.0}, "non-finite loss"),
+        ({"loss": 5.0, "grad_norm": 0.0}, "zero grad_norm"),
+        ({"loss": 5.0, "grad_norm": math.inf}, "non-finite grad_norm"),
+    ],
+)
+def test_dead_runs_are_refused_even_when_they_agree(folder, metrics, why):
+    """Two dead runs agree perfectly; that proves nothing."""
+    folder.add_run()
+    recs = [
+        make_record("hf_attn-eager", "eager", None, 1, 1),
+        make_record("hf_attn-sdpa", "sdpa", None, 1, 1),
+    ]
+    for r in recs:
+        r["metrics"] = dict(metrics)
+    folder.add_model(records=recs)
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_INVALID and why in problems(report)
+
+
+def test_flat_loss_over_steps_is_dead():
+    from parity.compare import vacuity
+
+    assert "does not move" in vacuity({"loss": [2.0, 2.0, 2.0], "grad_norm": [1, 1, 1]})
+    assert vacuity({"loss": [2.0, 1.9], "grad_norm": [1, 1]}) is None
+    assert "expected 4 steps" in vacuity({"loss": [2.0, 1.9], "grad_norm": [1, 1]}, expected_steps=4)
+
+
+def test_missing_mode_is_invalid(folder):
+    folder.add_run()
+    folder.add_model(expected=["hf_attn-eager", "hf_attn-sdpa", "hf_attn-flash_attention_2"])
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_INVALID and "hf_attn-flash_attention_2: no record" in problems(report)
+
+
+def test_model_in_manifest_without_results_is_missing(folder):
+    folder.add_run(models=("qwen3", "qwen3_moe"))
+    folder.add_model("qwen3")
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_INVALID and "qwen3_moe: no results were written" in problems(report)
+
+
+def test_mode_that_raised_is_a_failure(folder):
+    folder.add_run()
+    bad = make_record("hf_attn-sdpa", "sdpa", None, 0, 0)
+    bad.update(
+        status="error", error="Traceback...\nRuntimeError: shapes do not match", metrics={}, resolved={}
+    )
+    folder.add_model(records=[make_record("hf_attn-eager", "eager", None, 5.5, 1.2), bad])
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_BREACH and "shapes do not match" in problems(report)
+
+
+def test_skipped_variant_passes_unless_required(folder):
+    folder.add_run()
+    folder.add_model()
+    folder.add_run("fa2", status="skipped", reason="fa2 needs a CUDA GPU: nvidia-smi not found")
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_OK
+    assert any(r.verdict == "SKIPPED" and "nvidia-smi" in r.detail for r in report.rows)
+    required = merge(folder.root, require=["fa2"])
+    assert required.exit_code == EXIT_INVALID and "skipped but is required" in problems(required)
+    assert merge(folder.root, require=["fa3"]).exit_code == EXIT_INVALID  # never ran at all
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        ("{not json", "not valid JSON (line 1"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"hello": "world"}', "not a parity record"),
+        ('{"schema": "parity.records/99", "kind": "results"}', "is not supported"),
+        ('{"schema": "parity.records/1", "kind": "weird"}', "unknown record kind"),
+    ],
+)
+def test_corrupt_or_foreign_json_is_invalid_and_named(folder, content, why):
+    folder.add_run()
+    folder.add_model()
+    bad = folder.root / "patch" / "eager" / "stray.json"
+    bad.write_text(content)
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_INVALID
+    assert str(bad) in problems(report) and why in problems(report)
+
+
+def test_record_with_bad_tolerance_is_invalid(folder):
+    folder.add_run()
+    path = folder.add_model()
+    folder.edit(path, lambda p: p["records"][1]["tolerance"].update(rtol=-1))
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_INVALID and "bad tolerance" in problems(report)
+
+
+def test_record_missing_fingerprint_field_is_invalid(folder):
+    folder.add_run()
+    path = folder.add_model()
+    folder.edit(path, lambda p: p["records"][0]["fingerprint"].pop("config_hash"))
+    assert "fingerprint lacks config_hash" in problems(merge(folder.root))
+
+
+def test_empty_and_absent_results_folders(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["--results", str(tmp_path / "empty")]) == EXIT_INVALID
+    assert "no parity records" in capsys.readouterr().err
+    assert main(["--results", str(tmp_path / "nope")]) == EXIT_INVALID
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_anchors_across_variants_must_agree(folder):
+    folder.add_run("eager")
+    folder.add_model(variant="eager")
+    folder.add_run("fa2")
+    fa2 = [
+        make_record("hf_attn-eager", "eager", None, 5.5513, 1.234),
+        make_record("hf_attn-flash_attention_2", "flash_attention_2", None, 5.5513, 1.234),
+    ]
+    path = folder.add_model(variant="fa2", records=fa2)
+    assert merge(folder.root).exit_code == EXIT_OK
+    folder.edit(path, lambda p: p["records"][0]["metrics"].update(loss=6.5))
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_INVALID and "references disagree" in problems(report)
+
+
+def test_anchors_from_different_configs_are_not_comparable(folder):
+    folder.add_run("eager")
+    folder.add_model(variant="eager")
+    folder.add_run("fa2")
+    path = folder.add_model(variant="fa2")
+    folder.edit(path, lambda p: [r["fingerprint"].update(config_hash="other") for r in p["records"]])
+    assert "config_hash differs" in problems(merge(folder.root))
+
+
+def test_e2e_style_series_compare_per_step(folder):
+    folder.add_run()
+    recs = [make_record("ref", "eager", None, 0, 0), make_record("sp2", "eager", None, 0, 0)]
+    recs[0]["metrics"] = {"loss": [5.0, 4.0, 3.5, 3.0], "grad_norm": [1.0, 0.9, 0.8, 0.7]}
+    recs[1]["metrics"] = {"loss": [5.0, 4.0, 3.9, 3.0], "grad_norm": [1.0, 0.9, 0.8, 0.7]}
+    folder.add_model(records=recs)
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_BREACH and "loss[step 2]" in problems(report)
+
+
+def test_models_filter(folder):
+    folder.add_run(models=("qwen3", "llama"))
+    folder.add_model("qwen3")
+    assert merge(folder.root, models=["qwen3"]).exit_code == EXIT_OK
+    assert merge(folder.root).exit_code == EXIT_INVALID
