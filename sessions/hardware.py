@@ -26,7 +26,7 @@ def visible_gpus() -> tuple[list[Gpu], str]:
         return [], "CUDA_VISIBLE_DEVICES hides every GPU"
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return [], "no CUDA GPU: nvidia-smi not found"
+        return [], "nvidia-smi not found"
     try:
         out = subprocess.run(
             [smi, "--query-gpu=index,name,compute_cap", "--format=csv,noheader"],
@@ -36,7 +36,7 @@ def visible_gpus() -> tuple[list[Gpu], str]:
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        return [], f"no CUDA GPU: nvidia-smi failed ({exc})"
+        return [], f"nvidia-smi failed ({exc})"
     gpus = []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     allowed = {v.strip() for v in visible.split(",")} if visible else None
@@ -46,7 +46,7 @@ def visible_gpus() -> tuple[list[Gpu], str]:
             continue
         major, minor = cap.split(".")
         gpus.append(Gpu(name, (int(major), int(minor))))
-    return gpus, "" if gpus else "no CUDA GPU listed by nvidia-smi"
+    return gpus, "" if gpus else "nvidia-smi lists none"
 
 
 def hardware_skip_reason(variant: Variant) -> str | None:

@@ -122,6 +122,8 @@ def merge(
             references[(f.suite, f.model)].append((f.variant, ref))
     for (suite, model), refs in sorted(references.items()):
         _check_anchors(report, suite, model, refs)
+    if not any(row.verdict in ("PASS", "FAIL") for row in report.rows) and not report.problems:
+        report.fail(EXIT_INVALID, "nothing was compared: every variant was skipped or ran only its reference")
     return report
 
 

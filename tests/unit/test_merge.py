@@ -223,3 +223,10 @@ def test_models_filter(folder):
     folder.add_model("qwen3")
     assert merge(folder.root, models=["qwen3"]).exit_code == EXIT_OK
     assert merge(folder.root).exit_code == EXIT_INVALID
+
+
+def test_all_skipped_is_not_a_pass(folder):
+    """A run where every variant was skipped verified nothing, so it must not read as success."""
+    folder.add_run("fa2", status="skipped", reason="fa2 needs a CUDA GPU: nvidia-smi not found")
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_INVALID and "nothing was compared" in problems(report)
