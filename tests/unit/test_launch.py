@@ -1,0 +1,332 @@
+"""parity.launch: a hang fails fast, says where each rank was, and leaves no process behind.
+
+Every guard is paired with a run where it must not fire (the ok worker, the PG-timeout run that
+must not reach the watchdog, the escaped-session negative control), so a launcher that always
+says "timeout" or always kills everything cannot pass. Real torchrun + 2 gloo ranks on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from parity import launch as launch_mod
+from parity.launch import EXIT_CRASH, EXIT_OK, EXIT_TIMEOUT, LaunchResult, free_port, launch
+
+REPO = Path(__file__).resolve().parents[2]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+HANG_TIMEOUT_S = 20.0  # > rank start-up (~6 s on 2 cores), so both ranks reach their hang points
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """Ranks must import parity from this checkout, installed or not."""
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, **extra}
+
+
+def _run(tmp_path: Path, worker: str, timeout_s: float, **env: str) -> LaunchResult:
+    return launch(
+        [str(WORKERS / worker)], nproc=2, timeout_s=timeout_s, log_dir=tmp_path / "logs", env=_env(**env)
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _assert_nothing_left(result: LaunchResult) -> None:
+    """Independent of the launcher's own bookkeeping: rank pids and anything naming the log dir."""
+    assert result.survivors == []
+    rank_pids = [int(p.read_text()) for p in (result.log_dir / "stacks").glob("rank_*.pid")]
+    assert [pid for pid in rank_pids if _alive(pid)] == []
+    marker = str(result.log_dir)
+    leftovers = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if marker in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            leftovers.append((proc.pid, cmdline))
+    assert leftovers == []
+
+
+def _rank_log(result: LaunchResult, rank: int, name: str = "stderr.log") -> str:
+    return (result.rank_logs[rank] / name).read_text()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60, method="thread")
+def test_ok_all_reduce(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")  # must reach the ranks exactly as inherited
+    result = _run(tmp_path, "ok.py", timeout_s=60)
+    assert result.status == "ok", result.summary()
+    assert result.returncode == EXIT_OK
+    assert result.hung_ranks == [] and result.stacks == {} and result.failed_ranks == {}
+    for rank in (0, 1):
+        out = _rank_log(result, rank, "stdout.log")
+        assert "all_reduce ok: 3.0" in out
+        assert "env PARITY_PG_TIMEOUT_S=30" in out  # default: half the launcher timeout
+        assert "env NCCL_NVLS_ENABLE=0" in out
+        assert "env TORCH_NCCL_ASYNC_ERROR_HANDLING=3" in out
+    assert result.summary().startswith("parity.launch: OK")
+    _assert_nothing_left(result)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60, method="thread")
+def test_crash_reports_failing_rank(tmp_path: Path) -> None:
+    result = _run(tmp_path, "crash.py", timeout_s=60)
+    assert result.status == "crash", result.summary()
+    assert result.returncode != 0
+    assert result.root_cause_ranks == [1]
+    assert result.failed_ranks[1] == 1
+    assert "deliberate crash on rank 1" in result.summary()
+    assert result.hung_ranks == []
+    _assert_nothing_left(result)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60, method="thread")
+def test_rank_killed_by_signal_is_not_ok(tmp_path: Path) -> None:
+    result = _run(tmp_path, "sigkill.py", timeout_s=60)
+    assert result.status == "crash", result.summary()
+    assert result.returncode != 0
+    assert result.failed_ranks[1] == -signal.SIGKILL
+    assert "rank 1: killed by SIGKILL" in result.summary()
+    _assert_nothing_left(result)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(HANG_TIMEOUT_S + 40, method="thread")
+def test_hang_watchdog_dumps_every_rank_and_kills_all(tmp_path: Path) -> None:
+    # PG timeout far above the launcher's, so only the watchdog can end this run.
+    result = _run(tmp_path, "hang.py", timeout_s=HANG_TIMEOUT_S, PARITY_PG_TIMEOUT_S="600")
+    summary = result.summary()
+    assert result.status == "timeout", summary
+    assert result.returncode == EXIT_TIMEOUT
+    assert result.hung_ranks == [0, 1]
+    assert sorted(result.stacks) == [0, 1]
+    # Each rank's stack names the function it was stuck in, and only that one.
+    assert "block_in_all_reduce" in result.stacks[0] and "in all_reduce" in result.stacks[0]
+    assert "sleep_forever" in result.stacks[1]
+    assert "sleep_forever" not in result.stacks[0] and "block_in_all_reduce" not in result.stacks[1]
+    assert "hung ranks (alive at the deadline): [0, 1]" in summary
+    assert HANG_TIMEOUT_S <= result.elapsed_s < HANG_TIMEOUT_S + 15
+    _assert_nothing_left(result)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150, method="thread")
+def test_pg_timeout_fires_before_watchdog(tmp_path: Path) -> None:
+    # Same hang, but the collective layer's timeout is far below the launcher's.
+    # A generous watchdog costs nothing when the PG timeout works, and keeps a loaded machine's
+    # slow start-up from being mistaken for a watchdog firing.
+    result = _run(tmp_path, "hang.py", timeout_s=120, PARITY_PG_TIMEOUT_S="3")
+    assert result.status == "crash", result.summary()
+    assert result.root_cause_ranks == [0]
+    assert "timed out" in _rank_log(result, 0).lower()
+    assert result.elapsed_s < 60  # nowhere near the 120 s watchdog
+    assert result.hung_ranks == [] and result.returncode != EXIT_TIMEOUT
+    _assert_nothing_left(result)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60, method="thread")
+def test_cli_interrupt_kills_the_job(tmp_path: Path) -> None:
+    """Ctrl-C on the CLI: torchrun is in its own session and never sees it; we must forward it."""
+    log_dir = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "parity.launch", "--nproc", "2", "--timeout", "120", "--pg-timeout", "600",
+           "--log-dir", str(log_dir), "--", str(WORKERS / "hang.py")]  # fmt: skip
+    cli = subprocess.Popen(
+        cmd, env={**os.environ, **_env()}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        pid_files = [log_dir / "stacks" / f"rank_{r}.pid" for r in (0, 1)]
+        give_up = time.monotonic() + 40
+        while not all(p.exists() and p.read_text().strip() for p in pid_files):
+            assert time.monotonic() < give_up, "ranks never started"
+            assert cli.poll() is None, cli.communicate()[0]
+            time.sleep(0.2)
+        rank_pids = [int(p.read_text()) for p in pid_files]
+        assert all(_alive(pid) for pid in rank_pids)
+        cli.send_signal(signal.SIGINT)
+        out, _ = cli.communicate(timeout=20)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode != 0, out
+    assert [pid for pid in rank_pids if _alive(pid)] == []
+    leftovers = [
+        p.pid for p in psutil.process_iter(["cmdline"]) if str(log_dir) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert leftovers == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast checks without torchrun
+
+
+_ESCAPER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(30, method="thread")
+@pytest.mark.parametrize("use_psutil", [True, False], ids=["psutil", "procfs"])
+def test_sweep_reaches_processes_in_their_own_session(
+    use_psutil: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What torchrun does to its workers, reproduced in miniature: a grandchild in a new session."""
+    if not use_psutil:
+        monkeypatch.setattr(launch_mod, "psutil", None)
+    launch_id = "test-sweep"
+    env = {**os.environ, launch_mod.ENV_LAUNCH_ID: launch_id}
+    parent = subprocess.Popen([sys.executable, "-c", _ESCAPER], env=env, stdout=subprocess.PIPE,
+                              start_new_session=True, text=True)  # fmt: skip
+    grandchild = int(parent.stdout.readline())
+    try:
+        tree = launch_mod._ProcessTree(parent.pid, launch_id, Path("/nonexistent"))
+        tree.refresh()
+        assert grandchild in tree.known
+        # Negative control: killing the parent's process group does not reach the grandchild ...
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        time.sleep(0.2)
+        assert _alive(grandchild)
+        # ... and a fresh tree walk from the (dead) parent cannot find it any more; the sweep can.
+        assert grandchild not in launch_mod._descendants(launch_mod._process_table(), parent.pid)
+        assert launch_mod._kill_everything(parent, tree) == []
+        assert not _alive(grandchild)
+    finally:
+        if _alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+
+
+@pytest.mark.timeout(30, method="thread")
+def test_sweep_finds_orphans_by_launch_marker() -> None:
+    """A process that was never seen in the tree (re-parented before the first poll) is found by env."""
+    launch_id = "test-marker"
+    env = {**os.environ, launch_mod.ENV_LAUNCH_ID: launch_id}
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=env)
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    root = subprocess.Popen([sys.executable, "-c", "pass"])
+    root.wait()
+    try:
+        tree = launch_mod._ProcessTree(root.pid, launch_id, Path("/nonexistent"))
+        assert launch_mod._kill_everything(root, tree) == []
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert unrelated.poll() is None  # negative control: the sweep is not indiscriminate
+    finally:
+        for proc in (orphan, unrelated):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+_FAKE_AGENT = """
+import os, subprocess, sys, time
+rank0 = '''
+import faulthandler, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1, file=open(sys.argv[1] + "/rank_0.txt", "a"), all_threads=True)
+open(sys.argv[1] + "/rank_0.pid", "w").write(str(os.getpid()))
+def waiting_here():
+    time.sleep(600)
+waiting_here()
+'''
+rank1 = "import time; time.sleep(600)"  # never installs a handler, like a rank still importing torch
+for rank, code in enumerate((rank0, rank1)):
+    subprocess.Popen([sys.executable, "-c", code, sys.argv[1]], env={**os.environ, "RANK": str(rank)},
+                     start_new_session=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(30, method="thread")
+def test_dump_stacks_signals_only_ranks_with_a_handler(tmp_path: Path) -> None:
+    """SIGUSR1 kills a process without the faulthandler registration, so such ranks are skipped."""
+    agent = subprocess.Popen([sys.executable, "-c", _FAKE_AGENT, str(tmp_path)], start_new_session=True)
+    tree = launch_mod._ProcessTree(agent.pid, "test-dump", tmp_path)
+    try:
+        give_up = time.monotonic() + 15
+        while (
+            len(launch_mod._descendants(launch_mod._process_table(), agent.pid)) < 2
+            or not (tmp_path / "rank_0.pid").exists()
+        ):
+            assert time.monotonic() < give_up
+            time.sleep(0.1)
+        tree.refresh()
+        ranks = tree.rank_pids(launch_mod._process_table())
+        hung, stacks = launch_mod._dump_stacks(tree, tmp_path)
+        assert hung == [0, 1]
+        assert "waiting_here" in stacks[0]
+        assert "never reached init_rank" in stacks[1]
+        assert _alive(ranks[1])  # not killed by an unhandled SIGUSR1
+    finally:
+        assert launch_mod._kill_everything(agent, tree) == []
+
+
+def test_free_port_is_bindable() -> None:
+    port = free_port()
+    assert 0 < port < 65536
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_torchrun_command_single_and_multi_node(tmp_path: Path) -> None:
+    single = launch_mod.torchrun_command(["-m", "pkg.mod", "--x"], nproc=2, log_dir=tmp_path)
+    assert single[1:3] == ["-m", "torch.distributed.run"]
+    assert single[-3:] == ["-m", "pkg.mod", "--x"]
+    assert single[single.index("--rdzv-endpoint") + 1].startswith("localhost:")
+    multi = launch_mod.torchrun_command(
+        ["train.py"], nproc=8, log_dir=tmp_path, nnodes=2, rdzv_endpoint="node0:29500", node_rank=1
+    )
+    for flag, value in (("--nnodes", "2"), ("--rdzv-endpoint", "node0:29500"), ("--node-rank", "1")):
+        assert multi[multi.index(flag) + 1] == value
+    with pytest.raises(ValueError):
+        launch_mod.torchrun_command(["train.py"], nproc=8, log_dir=tmp_path, nnodes=2)
+
+
+def test_rank_env_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # known to break flight-recorder dumps
+    env = launch_mod.rank_env(tmp_path, 60, "id", {"PARITY_PG_TIMEOUT_S": "5"})
+    assert env["PARITY_PG_TIMEOUT_S"] == "5"
+    assert float(env["PARITY_RANK_TIMEOUT_S"]) > 60
+    assert env["NCCL_NVLS_ENABLE"] == "1"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert env["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "fr" / "rank_")
+    assert launch_mod.rank_env(tmp_path, 60, "id", None)["PARITY_PG_TIMEOUT_S"] == "30"
+
+
+@pytest.mark.parametrize(
+    ("status", "survivors", "exit_code"),
+    [
+        ("ok", [], EXIT_OK),
+        ("ok", [4242], EXIT_CRASH),
+        ("crash", [], EXIT_CRASH),
+        ("timeout", [], EXIT_TIMEOUT),
+    ],
+)
+def test_cli_exit_codes(
+    status: str, survivors: list[int], exit_code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = LaunchResult(status, 0, 1.0, tmp_path, [], {}, survivors)
+    monkeypatch.setattr(launch_mod, "launch", lambda *a, **k: fake)
+    monkeypatch.setattr(launch_mod.signal, "signal", lambda *a: None)
+    assert (
+        launch_mod.main(["--nproc", "2", "--timeout", "5", "--log-dir", str(tmp_path), "--", "x.py"])
+        == exit_code
+    )
