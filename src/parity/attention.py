@@ -1,0 +1,609 @@
+"""parity's own attention backends, registered into transformers' attention and mask registries.
+
+Three names, one code path:
+
+- ``parity_sdpa_with_sp``: ``torch.nn.functional.scaled_dot_product_attention`` with a
+  block-diagonal (per packed sequence) mask. Runs on CPU, supports D_v != D_qk, GQA, fp32.
+- ``parity_flash_attention_2_with_sp``: varlen FlashAttention-2 from ``flash_attn`` when installed,
+  else PyTorch's built-in FA2 varlen kernel (``torch.nn.attention.varlen.varlen_attn``).
+- ``parity_flash_attention_3_with_sp``: varlen FlashAttention-3 from ``flash_attn_interface``.
+
+Every call: (1) with an sp group active, Ulysses all-to-all (full sequence, 1/sp of the heads);
+(2) packing metadata of the FULL sequence (explicit ``cu_seq_lens_q/k`` kwargs, else derived
+from ``position_ids``, gathered over sp when sharded); (3) the kernel; (4) the inverse exchange.
+The output is [B, S, H, D_v], the layout transformers' callers reshape.
+
+Why these exact registrations:
+
+- The mask function is transformers' ``flash_attention_mask`` (None, or the 2-D padding mask) for
+  all three. The backend derives packing itself, from the full sequence; a 4-D mask built by
+  transformers from a *local* sp slice would be wrong. Registering *some* mask is mandatory: for
+  an unregistered name transformers returns ``attention_mask=None`` and silently drops padding.
+- Names containing "flash" fail validation at model build in transformers 5.17-5.24. Build with
+  another name (e.g. "sdpa") and then set ``model.config._attn_implementation = name``; the
+  functions here only depend on being looked up by name at call time.
+
+What ran is recorded (:func:`kernel_providers_used`, :func:`kernel_call_counts`) so a caller can
+tell a requested backend that ran from one that silently did not.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from parity.parallel_state import get_sp_group
+from parity.ulysses import (
+    all_gather_sequence,
+    gather_heads_scatter_seq,
+    gather_seq_scatter_heads,
+    packed_sequence_starts,
+    repeat_kv_heads_for_sp,
+)
+
+PARITY_SDPA = "parity_sdpa_with_sp"
+PARITY_FA2 = "parity_flash_attention_2_with_sp"
+PARITY_FA3 = "parity_flash_attention_3_with_sp"
+BACKENDS = (PARITY_SDPA, PARITY_FA2, PARITY_FA3)
+
+# Opt-in escape hatch: let the flash names run the sdpa kernel when no flash kernel can run here
+# (CPU, fp32). Off by default because that is exactly the silent fallback the suites must catch;
+# when used, the provider is recorded as "torch.sdpa[fallback]".
+ENV_ALLOW_FALLBACK = "PARITY_ATTN_ALLOW_SDPA_FALLBACK"
+
+# Modules with this attribute set to True never take the Ulysses path (e.g. a vision tower whose
+# inputs the caller did not shard over sp).
+SP_DISABLED_ATTR = "parity_sp_disabled"
+
+
+# --------------------------------------------------------------------------------------------
+# kernel log
+
+
+_PROVIDERS: dict[str, set[str]] = {}
+_CALLS: Counter[str] = Counter()
+
+
+def _record(backend: str, provider: str) -> None:
+    _PROVIDERS.setdefault(backend, set()).add(provider)
+    _CALLS[backend] += 1
+
+
+def kernel_providers_used() -> dict[str, str]:
+    """backend name -> kernel provider(s) that served its calls since the last reset ("+"-joined)."""
+    return {name: "+".join(sorted(p)) for name, p in _PROVIDERS.items()}
+
+
+def kernel_call_counts() -> dict[str, int]:
+    """backend name -> number of attention calls since the last reset (0 calls = did not run)."""
+    return dict(_CALLS)
+
+
+def reset_kernel_log() -> None:
+    _PROVIDERS.clear()
+    _CALLS.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# packing metadata
+
+
+@dataclass
+class Packing:
+    """Which tokens form which sequence, over the flattened [B*S] token stream of the full sequence.
+
+    ``cu_seqlens``/``max_len``: sequence boundaries over the kept (non-padding) tokens, in the form
+    varlen kernels take. ``keep``: flat indices of the kept tokens (None when nothing is padding).
+    ``one_per_row``: no padding and each row is a single sequence, so plain causal attention is
+    exact. ``seg_ids`` [B, S]: sequence index per token, -1 for padding (what a dense mask needs;
+    computed on first use, since varlen kernels never need it).
+    """
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+    keep: torch.Tensor | None
+    one_per_row: bool
+    batch: int
+    seq: int
+    _seg: torch.Tensor | None = None
+
+    @property
+    def seg_ids(self) -> torch.Tensor:
+        if self._seg is None:
+            self._seg = _seg_ids_from_cu(self.cu_seqlens, self.batch, self.seq, self.cu_seqlens.device)
+        return self._seg
+
+
+def _seg_ids_from_cu(cu: torch.Tensor, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    cu = cu.to(device=device, dtype=torch.long).flatten()
+    total = batch * seq
+    if int(cu[-1]) > total:
+        raise ValueError(f"cu_seq_lens ends at {int(cu[-1])} but the batch has {total} tokens")
+    if batch > 1 and not torch.isin(torch.arange(0, total, seq, device=device), cu).all():
+        raise ValueError("cu_seq_lens has a sequence crossing a batch row; packed batches need B == 1")
+    tok = torch.arange(total, device=device)
+    seg = torch.searchsorted(cu[1:], tok, right=True)
+    seg = torch.where(tok < cu[-1], seg, torch.full_like(seg, -1))  # tail beyond cu[-1]: padding
+    return seg.view(batch, seq)
+
+
+def build_packing(
+    batch: int,
+    seq: int,
+    device: torch.device,
+    *,
+    position_ids: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
+    max_length: int | torch.Tensor | None = None,
+) -> Packing:
+    """Packing of a full [B, S] sequence from explicit cu_seqlens, else position_ids, else rows.
+
+    ``padding_mask`` is the 2-D bool mask (True = real token) transformers hands flash-style
+    backends; padded tokens are removed from every sequence.
+    """
+    if cu_seq_lens is not None and padding_mask is None:
+        # fast path (the collator computed everything): trust it once it covers every token
+        cu = cu_seq_lens.to(device=device, dtype=torch.int32).flatten()
+        if int(cu[-1]) == batch * seq:
+            packing = Packing(cu, 0, None, one_per_row=cu.numel() - 1 == batch, batch=batch, seq=seq)
+            if batch > 1:
+                packing.seg_ids  # noqa: B018 -- validates that no sequence crosses a batch row
+            packing.max_len = int(max_length) if max_length is not None else int((cu[1:] - cu[:-1]).max())
+            return packing
+
+    if cu_seq_lens is not None:
+        seg = _seg_ids_from_cu(cu_seq_lens, batch, seq, device)
+    else:
+        if position_ids is None:
+            starts = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+            starts[:, 0] = True
+        else:
+            if position_ids.dim() == 3:  # mRoPE-style [rows, B, S]: row 0 is the text position
+                position_ids = position_ids[0]
+            starts = packed_sequence_starts(position_ids.to(device).expand(batch, seq))
+        seg = starts.reshape(-1).long().cumsum(0).sub_(1).view(batch, seq)
+    if padding_mask is not None:
+        seg = seg.masked_fill(~padding_mask.to(device=device, dtype=torch.bool), -1)
+
+    flat = seg.reshape(-1)
+    if padding_mask is None and cu_seq_lens is None:
+        keep, kept = None, flat  # every token belongs to a sequence: no host sync needed to know
+    else:
+        valid = flat >= 0
+        keep = None if bool(valid.all()) else torch.nonzero(valid).flatten()
+        kept = flat if keep is None else flat[keep]
+    if kept.numel() == 0:
+        counts = torch.zeros(0, dtype=torch.long, device=device)
+    else:
+        _, counts = torch.unique_consecutive(kept, return_counts=True)
+    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=device)
+    cu[1:] = counts.cumsum(0)
+    max_len = int(counts.max()) if counts.numel() else 0
+    one_per_row = keep is None and counts.numel() == batch
+    return Packing(cu, max_len, keep, one_per_row, batch=batch, seq=seq, _seg=seg)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels: q [B, Hq, S, Dqk], k [B, Hkv, S, Dqk], v [B, Hkv, S, Dv] -> [B, S, Hq, Dv]
+
+
+def _window_ok(i: torch.Tensor, j: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
+    return (i - j < window) if causal else ((i - j).abs() < window)
+
+
+def block_mask(packing: Packing, causal: bool, window: int | None = None) -> torch.Tensor:
+    """Bool [B, 1, S, S]: same sequence, non-padding key, causal/window as asked.
+
+    Every query also sees itself, so a padding row (no valid key) gives a finite value instead of
+    NaN; padding outputs are garbage by definition and never compared.
+    """
+    seg = packing.seg_ids
+    seq = seg.shape[1]
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+    i = torch.arange(seq, device=seg.device)[:, None]
+    j = torch.arange(seq, device=seg.device)[None, :]
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= _window_ok(i, j, window, causal)
+    allowed |= i == j
+    return allowed[:, None]
+
+
+def _sdpa_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packing: Packing,
+    *,
+    causal: bool,
+    scale: float,
+    dropout: float,
+    window: int | None,
+    dense_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:  # expand GQA: sdpa's enable_gqa is not honoured by every backend with a mask
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if dense_mask is not None:
+        mask, is_causal = dense_mask, False
+    elif packing.one_per_row and window is None:
+        mask, is_causal = None, causal  # plain (non-)causal: lets sdpa pick its fastest kernel
+    else:
+        mask, is_causal = block_mask(packing, causal, window), False
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+VarlenFn = Callable[..., torch.Tensor]
+
+
+def _flash_window(window: int | None, causal: bool) -> tuple[int, int]:
+    """FA-style (left, right) window; -1 = unbounded. Causal itself is the kernels' ``causal`` flag."""
+    if window is None:
+        return (-1, -1)
+    return (window - 1, 0) if causal else (window - 1, window - 1)
+
+
+def _torch_window(window: int | None, causal: bool) -> tuple[int, int]:
+    """torch varlen_attn has no causal flag: causal is a right window of 0."""
+    left, right = _flash_window(window, causal)
+    return (left, 0) if causal else (left, right)
+
+
+def _varlen_flash_attn(q, k, v, cu, max_len, *, causal, scale, dropout, window) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    ws = _flash_window(window, causal)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        max_len,
+        max_len,
+        dropout_p=dropout,
+        softmax_scale=scale,
+        causal=causal,
+        window_size=ws,
+    )
+
+
+def _varlen_fa3(q, k, v, cu, max_len, *, causal, scale, dropout, window) -> torch.Tensor:
+    import flash_attn_interface
+
+    if dropout:
+        raise NotImplementedError("flash_attn_interface (FA3) has no dropout; set attention_dropout=0")
+    out = flash_attn_interface.flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        max_len,
+        max_len,
+        softmax_scale=scale,
+        causal=causal,
+        window_size=_flash_window(window, causal),
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _varlen_torch(q, k, v, cu, max_len, *, causal, scale, dropout, window) -> torch.Tensor:
+    """torch.nn.attention.varlen.varlen_attn, adapting to the signature of the installed torch.
+
+    torch 2.11 has ``window_size`` (causal = (-1, 0)) and ``scale`` but no ``enable_gqa``; 2.13
+    adds ``enable_gqa``. Older signatures with ``is_causal`` are handled too.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    if dropout:
+        raise NotImplementedError("torch varlen_attn has no dropout; set attention_dropout=0")
+    params = _signature_params(varlen_attn)
+    kwargs: dict[str, Any] = {}
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+    if "window_size" in params:
+        kwargs["window_size"] = _torch_window(window, causal)
+    elif window is not None:
+        raise NotImplementedError("this torch varlen_attn has no window_size; sliding windows unsupported")
+    else:
+        kwargs["is_causal"] = causal
+    if "scale" in params:
+        kwargs["scale"] = scale
+    else:
+        q = q * (scale * q.shape[-1] ** 0.5)  # kernel applies 1/sqrt(D); fold the requested scale into q
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@cache
+def _signature_params(fn: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _run_varlen(
+    fn: VarlenFn,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packing: Packing,
+    *,
+    causal: bool,
+    scale: float,
+    dropout: float,
+    window: int | None,
+) -> torch.Tensor:
+    """[B, H, S, D] -> flattened [T, H, D] (padding removed) -> varlen kernel -> [B, S, H, D_v].
+
+    FA kernels need one head dim for q, k and v: with D_v < D_qk (DeepSeek MLA) v is zero-padded
+    and the output sliced back, which is exact.
+    """
+    b, hq, s, d = q.shape
+    dv = v.shape[-1]
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        t = t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[-1])
+        return t if packing.keep is None else t.index_select(0, packing.keep)
+
+    qf, kf, vf = flat(q), flat(k), flat(v)
+    if dv != d:
+        if dv > d:
+            raise NotImplementedError(f"value head dim {dv} > query/key head dim {d}")
+        vf = F.pad(vf, (0, d - dv))
+    out = fn(
+        qf,
+        kf,
+        vf,
+        packing.cu_seqlens,
+        packing.max_len,
+        causal=causal,
+        scale=scale,
+        dropout=dropout,
+        window=window,
+    )
+    out = out[..., :dv]
+    if packing.keep is not None:
+        out = out.new_zeros(b * s, hq, dv).index_copy(0, packing.keep, out)
+    return out.reshape(b, s, hq, dv)
+
+
+# --------------------------------------------------------------------------------------------
+# provider resolution
+
+
+def _flash_attn_provider() -> str | None:
+    try:
+        import flash_attn
+    except Exception:
+        return None
+    if not hasattr(flash_attn, "flash_attn_varlen_func"):
+        return None
+    return f"flash_attn {getattr(flash_attn, '__version__', '?')}"
+
+
+def _torch_varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _fa3_available() -> bool:
+    try:
+        import flash_attn_interface  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _fallback_allowed() -> bool:
+    return os.environ.get(ENV_ALLOW_FALLBACK, "") not in ("", "0", "false", "False")
+
+
+def _resolve_kernel(backend: str, q: torch.Tensor) -> tuple[str, VarlenFn | None]:
+    """(provider name, varlen fn); fn None means the sdpa kernel."""
+    if backend == PARITY_SDPA:
+        return "torch.sdpa", None
+    reason: str
+    if backend == PARITY_FA2:
+        provider = _flash_attn_provider()
+        if provider is not None and q.is_cuda:
+            return provider, _varlen_flash_attn
+        if _torch_varlen_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return "torch.varlen_attn", _varlen_torch
+        reason = (
+            "no FlashAttention-2 kernel can run here: needs flash_attn on CUDA, or "
+            "torch.nn.attention.varlen.varlen_attn (torch>=2.10) on CUDA with fp16/bf16; "
+            f"got device={q.device.type}, dtype={q.dtype}, flash_attn={'yes' if provider else 'no'}, "
+            f"torch varlen_attn={'yes' if _torch_varlen_available() else 'no'}"
+        )
+    elif backend == PARITY_FA3:
+        if _fa3_available() and q.is_cuda:
+            return "flash_attn_interface", _varlen_fa3
+        reason = f"FlashAttention-3 needs flash_attn_interface on CUDA (device={q.device.type})"
+    else:
+        raise KeyError(backend)
+    if _fallback_allowed():
+        return "torch.sdpa[fallback]", None
+    raise RuntimeError(f"{backend}: {reason}. Set {ENV_ALLOW_FALLBACK}=1 to run sdpa instead (recorded).")
+
+
+# --------------------------------------------------------------------------------------------
+# the attention function
+
+
+def _gather_if_local(
+    t: torch.Tensor | None, local_len: int, full_len: int, group: Any
+) -> torch.Tensor | None:
+    """Gather a per-token tensor over sp when it covers only this rank's slice."""
+    if t is None or t.shape[-1] == full_len or group is None:
+        return t
+    if t.shape[-1] != local_len:
+        raise ValueError(f"per-token tensor of length {t.shape[-1]} fits neither {local_len} nor {full_len}")
+    if t.dtype == torch.bool:  # gloo has no bool collectives
+        return all_gather_sequence(t.to(torch.uint8), group, dim=t.dim() - 1).bool()
+    return all_gather_sequence(t, group, dim=t.dim() - 1)
+
+
+def parity_attention_forward(
+    backend: str,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | torch.Tensor | None = None,
+    max_length_k: int | torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The body shared by the three registered names (transformers' attention-function contract)."""
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"{backend} supports neither softcap nor attention sinks (s_aux)")
+    if query.shape[2] != key.shape[2]:
+        raise NotImplementedError(
+            f"{backend} is a training backend: query and key lengths differ "
+            f"({query.shape[2]} vs {key.shape[2]}); pass use_cache=False"
+        )
+    if cu_seq_lens_k is not None and cu_seq_lens_q is not None and cu_seq_lens_k is not cu_seq_lens_q:
+        if not torch.equal(cu_seq_lens_q.cpu(), cu_seq_lens_k.cpu()):
+            raise NotImplementedError(f"{backend}: different cu_seq_lens for q and k are not supported")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    provider, varlen_fn = _resolve_kernel(backend, query)
+
+    group = None if getattr(module, SP_DISABLED_ATTR, False) else get_sp_group()
+    sp = 1 if group is None else torch.distributed.get_world_size(group)
+    local_len = query.shape[2]
+    dense_mask = None
+    padding_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() == 4:
+            if sp > 1 or varlen_fn is not None:
+                raise NotImplementedError(
+                    f"{backend}: a 4-D attention mask is only supported by sdpa at sp=1"
+                )
+            dense_mask = attention_mask
+        else:
+            padding_mask = attention_mask
+    if sp > 1:
+        key = repeat_kv_heads_for_sp(key, sp)
+        value = repeat_kv_heads_for_sp(value, sp)
+        query, key, value = (
+            gather_seq_scatter_heads(t, seq_dim=2, head_dim=1, group=group) for t in (query, key, value)
+        )
+    batch, full_len = query.shape[0], query.shape[2]
+    if cu_seq_lens_q is None:
+        position_ids = _gather_if_local(position_ids, local_len, full_len, group)
+    padding_mask = _gather_if_local(padding_mask, local_len, full_len, group)
+
+    packing = build_packing(
+        batch,
+        full_len,
+        query.device,
+        position_ids=position_ids,
+        padding_mask=padding_mask,
+        cu_seq_lens=cu_seq_lens_q,
+        max_length=max_length_q,
+    )
+    if varlen_fn is None:
+        out = _sdpa_kernel(
+            query,
+            key,
+            value,
+            packing,
+            causal=causal,
+            scale=scale,
+            dropout=dropout,
+            window=sliding_window,
+            dense_mask=dense_mask,
+        )
+    else:
+        out = _run_varlen(
+            varlen_fn,
+            query,
+            key,
+            value,
+            packing,
+            causal=causal,
+            scale=scale,
+            dropout=dropout,
+            window=sliding_window,
+        )
+    if sp > 1:
+        out = gather_heads_scatter_seq(out, head_dim=2, seq_dim=1, group=group)
+    _record(backend, provider)
+    return out, None
+
+
+def _bind(backend: str) -> Callable[..., tuple[torch.Tensor, None]]:
+    def attention_fn(module, query, key, value, attention_mask, **kwargs):  # transformers' contract
+        return parity_attention_forward(backend, module, query, key, value, attention_mask, **kwargs)
+
+    attention_fn.__name__ = backend
+    attention_fn.__qualname__ = backend
+    return attention_fn
+
+
+parity_sdpa_with_sp = _bind(PARITY_SDPA)
+parity_flash_attention_2_with_sp = _bind(PARITY_FA2)
+parity_flash_attention_3_with_sp = _bind(PARITY_FA3)
+_FUNCTIONS = {
+    PARITY_SDPA: parity_sdpa_with_sp,
+    PARITY_FA2: parity_flash_attention_2_with_sp,
+    PARITY_FA3: parity_flash_attention_3_with_sp,
+}
+
+
+def register() -> None:
+    """Register the three backends and their mask function with transformers (idempotent).
+
+    Both registrations go through the classmethods, which write the class-wide ``_global_mapping``:
+    the mask early-exit check in transformers reads only that mapping.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    for name, fn in _FUNCTIONS.items():
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, flash_attention_mask)
+
+
+def set_attention_backend(model: torch.nn.Module, name: str) -> None:
+    """Switch a built model to ``name`` without transformers' build-time validation.
+
+    Needed for names containing "flash" (validation would look for a hub kernel and fail); the
+    config setter copies the value into every sub-config (vision, text, audio).
+    """
+    register()
+    model.config._attn_implementation = name
+
+
+register()
