@@ -85,11 +85,14 @@ def resolution_mismatch(record: dict[str, Any]) -> str | None:
     requested, resolved = record["requested"], record["resolved"]
     problems = []
     for key in sorted(set(requested) | set(resolved)):
-        if key.startswith("_") or key in ("kernel_provider",):
-            continue
         want, got = requested.get(key), resolved.get(key)
         if want is None:
             continue
-        if want != got:
+        if key == "kernel_provider":
+            # resolved carries a version ("flash_attn 2.8.3"); a fallback is a different word
+            # ("torch.sdpa[fallback]"), so compare the library name exactly.
+            if not isinstance(got, str) or got.split()[0] != want:
+                problems.append(f"{key}: requested {want!r}, ran {got!r}")
+        elif want != got:
             problems.append(f"{key}: requested {want!r}, ran {got!r}")
     return "; ".join(problems) or None

@@ -189,6 +189,13 @@ def _check_file(report: Report, f: ResultsFile) -> dict[str, Any] | None:
         report.rows.append(row)
         tol = Tolerance(rec["tolerance"]["rtol"], rec["tolerance"]["atol"])
         row.tolerance = f"rtol={tol.rtol:g} atol={tol.atol:g}"
+        if rec["status"] == "skipped":
+            row.verdict, row.detail = "SKIPPED", str(rec["reason"])
+            if mode_id == ref_id:
+                report.fail(
+                    EXIT_INVALID, f"{label}: the reference mode {mode_id} was skipped: {rec['reason']}"
+                )
+            continue
         if rec["status"] == "error":
             error = str(rec.get("error") or "raised").strip()
             row.verdict, row.detail = "ERROR", error.splitlines()[-1]

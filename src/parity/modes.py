@@ -21,6 +21,31 @@ HF_ATTENTION = {
 #: HF experts implementations every MoE case runs (transformers' own loop and its grouped GEMM).
 HF_EXPERTS = ("eager", "grouped_mm")
 
+#: parity's own attention backends per variant. In the eager variant the FA2 backend takes PyTorch's
+#: built-in varlen FA2 kernel (GPU only); in fa2/fa3 it takes the flash-attn packages' kernels.
+PARITY_ATTENTION = {
+    "eager": ("parity_sdpa_with_sp", "parity_flash_attention_2_with_sp"),
+    "fa2": ("parity_flash_attention_2_with_sp",),
+    "fa3": ("parity_flash_attention_3_with_sp",),
+}
+#: parity's MoE experts: transformers' eager loop under parity attention, and parity's fused kernel.
+PARITY_EXPERTS = ("eager", "fused")
+#: The kernel library each parity attention backend must report in a variant; anything else
+#: (including an sdpa fallback) means the backend under test did not run.
+EXPECTED_PROVIDER = {
+    ("eager", "parity_sdpa_with_sp"): "torch.sdpa",
+    ("eager", "parity_flash_attention_2_with_sp"): "torch.varlen_attn",
+    ("fa2", "parity_flash_attention_2_with_sp"): "flash_attn",
+    ("fa3", "parity_flash_attention_3_with_sp"): "flash_attn_interface",
+}
+#: Attention implementations whose kernels exist only on CUDA and only in half precision.
+FLASH_ONLY = (
+    "flash_attention_2",
+    "flash_attention_3",
+    "parity_flash_attention_2_with_sp",
+    "parity_flash_attention_3_with_sp",
+)
+
 REFERENCE_ATTENTION = "eager"
 REFERENCE_EXPERTS = "eager"
 
@@ -66,3 +91,27 @@ def hf_modes(variant: str, is_moe: bool) -> list[ModelMode]:
     modes = [ModelMode("hf", attn, moe) for attn in attentions for moe in experts]
     ref = reference_mode(is_moe)
     return [ref] + [m for m in modes if m != ref]
+
+
+def parity_modes(variant: str, is_moe: bool) -> list[ModelMode]:
+    """parity's modeling backend: its attention backends x (for MoE) eager and fused experts."""
+    if variant not in PARITY_ATTENTION:
+        raise ValueError(f"unknown backend variant {variant!r}; known: {', '.join(VARIANTS)}")
+    experts: tuple[str | None, ...] = PARITY_EXPERTS if is_moe else (None,)
+    return [ModelMode("parity", attn, moe) for attn in PARITY_ATTENTION[variant] for moe in experts]
+
+
+def expected_provider(variant: str, mode: ModelMode) -> str | None:
+    if mode.modeling_backend != "parity":
+        return None
+    return EXPECTED_PROVIDER.get((variant, mode.attn_implementation))
+
+
+def mode_skip_reason(mode: ModelMode, device_type: str, dtype: str) -> str | None:
+    """Why a mode cannot run on this device/dtype (recorded as a skipped mode, never dropped)."""
+    if mode.attn_implementation in FLASH_ONLY:
+        if device_type != "cuda":
+            return f"{mode.attn_implementation} needs a CUDA device (running on {device_type})"
+        if dtype not in ("bfloat16", "float16"):
+            return f"{mode.attn_implementation} needs bfloat16/float16 (running in {dtype})"
+    return None

@@ -188,8 +188,12 @@ def validate_record(path: Path, record: Any, index: int) -> dict[str, Any]:
     mode = record["mode"]
     if not isinstance(mode, dict) or not isinstance(mode.get("id"), str):
         raise RecordError(f"{where}: field 'mode' must be an object with a string 'id'")
-    if record["status"] not in ("ok", "error"):
-        raise RecordError(f"{where} ({mode['id']}): status must be 'ok' or 'error', got {record['status']!r}")
+    if record["status"] not in ("ok", "error", "skipped"):
+        raise RecordError(
+            f"{where} ({mode['id']}): status must be 'ok', 'error' or 'skipped', got {record['status']!r}"
+        )
+    if record["status"] == "skipped" and not record.get("reason"):
+        raise RecordError(f"{where} ({mode['id']}): a skipped mode must say why ('reason')")
     for key in ("requested", "resolved"):
         if not isinstance(record[key], dict):
             raise RecordError(f"{where} ({mode['id']}): field {key!r} must be an object")

@@ -2,8 +2,10 @@
 
 One test per model: build a fresh model per mode from identical CPU-seeded weights, run one
 forward+backward on the same packed batch (two samples in one row, position ids restarting), and
-compare loss and total grad norm of every mode with the reference (HF eager attention, eager
-experts) within the case's (rtol, atol). Each backend variant (one environment per variant, chosen
+compare loss and total grad norm of every mode (HF's backends, and parity's own attention and
+fused MoE backends) with the reference (HF eager attention, eager
+experts) within the case's (rtol, atol). The defaults are sized for bf16; float32 runs (CPU) tighten them to
+parity.patch_runner.FP32_TOLERANCE, since fp32 backends agree to ~1e-7. Each backend variant (one environment per variant, chosen
 by the nox session through PARITY_VARIANT) runs its own modes plus the reference.
 
 Adding a model: append a pytest.param below (its id is the model id used by `nox -s patch -- <id>`),
@@ -17,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from parity.modes import hf_modes  # noqa: E402
+from parity.modes import hf_modes, parity_modes  # noqa: E402
 from parity.patch_runner import RunSettings, failures, run_case  # noqa: E402
 from parity.records import Tolerance  # noqa: E402
 
@@ -61,12 +63,16 @@ def test_models_patch_fwd_bwd(request, tmp_path_factory, config_path, is_moe, rt
     case_id = request.node.callspec.id
     settings = RunSettings.from_env(default_results=tmp_path_factory.mktemp("results"))
     hf_model_modes = hf_modes(settings.variant, is_moe)
+    parity_model_modes = parity_modes(settings.variant, is_moe)
 
     # Per-model filters for modes a model does not support yet go here, keyed on case_id, e.g.
     # if case_id == "<new_model>":
     #     hf_model_modes = [m for m in hf_model_modes if m.attn_implementation != "flash_attention_3"]
+    #     parity_model_modes = [
+    #         m for m in parity_model_modes if m.attn_implementation != "parity_flash_attention_3_with_sp"
+    #     ]
 
     tolerance = Tolerance(rtol, atol)
-    records = run_case(case_id, config_path, hf_model_modes, tolerance, settings)
-    problems = failures(records, tolerance)
+    records = run_case(case_id, config_path, hf_model_modes + parity_model_modes, tolerance, settings)
+    problems = failures(records)
     assert not problems, f"{case_id} ({settings.variant}):\n" + "\n".join(problems)

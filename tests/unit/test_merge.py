@@ -230,3 +230,54 @@ def test_all_skipped_is_not_a_pass(folder):
     folder.add_run("fa2", status="skipped", reason="fa2 needs a CUDA GPU: nvidia-smi not found")
     report = merge(folder.root)
     assert report.exit_code == EXIT_INVALID and "nothing was compared" in problems(report)
+
+
+def _parity_record(provider_requested: str, provider_ran: str) -> dict:
+    rec = make_record(
+        "parity_attn-parity_flash_attention_2_with_sp", "parity_flash_attention_2_with_sp", None, 5.5, 1.2
+    )
+    rec["requested"]["kernel_provider"] = provider_requested
+    rec["resolved"]["kernel_provider"] = provider_ran
+    return rec
+
+
+def test_kernel_provider_must_be_the_one_the_variant_exists_for(folder):
+    """A flash backend that quietly ran sdpa (or the wrong library) is not a pass."""
+    folder.add_run()
+    folder.add_model(
+        records=[
+            make_record("hf_attn-eager", "eager", None, 5.5, 1.2),
+            _parity_record("flash_attn", "flash_attn 2.8.3"),
+        ]
+    )
+    assert merge(folder.root).exit_code == EXIT_OK
+    folder.add_model(
+        records=[
+            make_record("hf_attn-eager", "eager", None, 5.5, 1.2),
+            _parity_record("torch.sdpa", "torch.sdpa[fallback]"),
+        ]
+    )
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_INVALID and "torch.sdpa[fallback]" in problems(report)
+
+
+def test_skipped_mode_is_shown_with_its_reason_but_a_skipped_reference_is_invalid(folder):
+    folder.add_run()
+    skipped = make_record(
+        "parity_attn-parity_flash_attention_2_with_sp", "parity_flash_attention_2_with_sp", None, 0, 0
+    )
+    skipped.update(status="skipped", reason="needs a CUDA device (running on cpu)", metrics={}, resolved={})
+    folder.add_model(
+        records=[
+            make_record("hf_attn-eager", "eager", None, 5.5, 1.2),
+            make_record("hf_attn-sdpa", "sdpa", None, 5.5, 1.2),
+            skipped,
+        ]
+    )
+    report = merge(folder.root)
+    assert report.exit_code == EXIT_OK
+    assert any(r.verdict == "SKIPPED" and "CUDA" in r.detail for r in report.rows)
+    ref = make_record("hf_attn-eager", "eager", None, 0, 0)
+    ref.update(status="skipped", reason="no", metrics={}, resolved={})
+    folder.add_model(records=[ref, make_record("hf_attn-sdpa", "sdpa", None, 5.5, 1.2)])
+    assert "reference mode hf_attn-eager was skipped" in problems(merge(folder.root))

@@ -1,0 +1,87 @@
+"""The patch runner's own guards, each with a planted fault that must fire."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from parity import toy  # noqa: E402
+from parity.modes import ModelMode, hf_modes  # noqa: E402
+from parity.patch_runner import RunSettings, failures, run_case  # noqa: E402
+from parity.records import Tolerance, load_results_file, results_path  # noqa: E402
+
+TOL = Tolerance(1e-2, 1e-2)
+QWEN3 = "./toy_config/qwen3_toy/config.json"
+
+
+@pytest.fixture
+def settings(tmp_path) -> RunSettings:
+    return RunSettings("eager", torch.device("cpu"), torch.float32, tmp_path)
+
+
+def test_clean_case_passes_and_records_what_ran(settings):
+    records = run_case("qwen3", QWEN3, hf_modes("eager", False), TOL, settings)
+    assert failures(records) == []
+    assert [r["resolved"]["attn_implementation"] for r in records] == ["eager", "sdpa"]
+    ref, sdpa = (r["metrics"] for r in records)
+    assert abs(ref["loss"] - sdpa["loss"]) < 1e-5 and ref["grad_norm"] > 0
+    on_disk = load_results_file(results_path(settings.results, "patch", "eager", "qwen3"))
+    assert [r["mode"]["id"] for r in on_disk.records] == ["hf_attn-eager", "hf_attn-sdpa"]
+    assert on_disk.records[0]["fingerprint"]["config_hash"] == toy.config_hash(toy.config_path("qwen3"))
+
+
+def test_planted_wrong_attention_is_a_breach(settings, monkeypatch):
+    """An sdpa that lets packed samples attend to each other must be caught by the comparison."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def leaky(module, q, k, v, attention_mask, **kwargs):
+        kwargs.pop("is_causal", None)
+        return sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa", leaky)
+    records = run_case("qwen3", QWEN3, hf_modes("eager", False), TOL, settings)
+    problems = failures(records)
+    assert any("hf_attn-sdpa" in p and "deviates" in p for p in problems), problems
+    # The same leak hides inside the bf16-sized case tolerance: why fp32 runs tighten it.
+    loss_ref, loss_leak = (r["metrics"]["loss"] for r in records)
+    assert TOL.allows(loss_leak, loss_ref)
+    assert records[1]["tolerance"] == {"rtol": 1e-4, "atol": 1e-5}
+    assert records[1]["case_tolerance"] == {"rtol": 1e-2, "atol": 1e-2}
+
+
+def test_planted_silent_fallback_is_caught(settings, monkeypatch):
+    """sdpa requested, eager ran (what transformers does silently): the call trace must tell."""
+    real_build = toy.build_model
+
+    def build_then_fall_back(config, **kwargs):
+        model = real_build(config, **kwargs)
+        model.config._attn_implementation = "eager"
+        return model
+
+    monkeypatch.setattr(toy, "build_model", build_then_fall_back)
+    records = run_case("qwen3", QWEN3, hf_modes("eager", False), TOL, settings)
+    problems = failures(records)
+    assert any("requested 'sdpa', ran 'eager'" in p for p in problems), problems
+
+
+def test_mode_that_raises_is_recorded_and_the_rest_still_run(settings):
+    modes = [ModelMode("hf", "eager"), ModelMode("hf", "no_such_attention"), ModelMode("hf", "sdpa")]
+    records = run_case("qwen3", QWEN3, modes, TOL, settings)
+    assert [r["status"] for r in records] == ["ok", "error", "ok"]
+    assert "no_such_attention" in records[1]["error"]
+    assert any("hf_attn-no_such_attention raised" in p for p in failures(records))
+
+
+def test_cpu_skips_flash_modes_with_a_reason(settings):
+    modes = [ModelMode("hf", "eager"), ModelMode("parity", "parity_flash_attention_2_with_sp")]
+    records = run_case("qwen3", QWEN3, modes, TOL, settings)
+    assert records[1]["status"] == "skipped" and "needs a CUDA device" in records[1]["reason"]
+    assert failures(records) == []
+
+
+def test_bad_dtype_setting_is_rejected(monkeypatch, tmp_path):
+    monkeypatch.setenv("PARITY_DTYPE", "float33")
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        RunSettings.from_env(tmp_path)
