@@ -1,0 +1,304 @@
+"""Toy model configs: find them, load them offline, build bit-reproducible tiny models.
+
+The suites compare the same model under different attention/MoE backends, so a toy model must
+be byte-for-byte the same object whichever backend is asked for. `build_model` therefore always
+builds under the seed with the neutral "eager" implementations and only afterwards switches to
+the requested ones. Lookup and hashing (`known_models`, `config_path`, `config_hash`) stay free
+of torch/transformers because the nox sessions and the merge step import them without torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; keeps the module importable without torch
+    import torch
+    from transformers import PretrainedConfig
+
+__all__ = [
+    "TOY_CONFIG_ROOT",
+    "ToyConfigError",
+    "build_model",
+    "config_hash",
+    "config_path",
+    "is_moe",
+    "known_models",
+    "load_config",
+    "model_family",
+]
+
+_ENV_ROOT = "PARITY_TOY_CONFIG_ROOT"
+_DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "toy_config"
+_SUFFIX = "_toy"
+
+TOY_CONFIG_ROOT: Path = Path(os.environ[_ENV_ROOT]) if os.environ.get(_ENV_ROOT) else _DEFAULT_ROOT
+
+# HF's own flash names go through HF validation (so a missing package raises); any other name that
+# contains "flash" is a project backend that HF's build-time check would reject (see notes §1).
+_HF_FLASH_NAMES = frozenset({"flash_attention_2", "flash_attention_3", "flash_attention_4"})
+
+
+class ToyConfigError(ValueError):
+    """A toy config id/path/file that cannot be used; the message names the file or id and why."""
+
+
+# --------------------------------------------------------------------------------------------
+# torch-free lookup
+# --------------------------------------------------------------------------------------------
+
+
+def _root() -> Path:
+    """Re-read the env on every call so tests and sessions can point at another tree late."""
+    env = os.environ.get(_ENV_ROOT)
+    return Path(env) if env else TOY_CONFIG_ROOT
+
+
+def known_models() -> list[str]:
+    """Sorted ids of every `<id>_toy/config.json` under the toy-config root."""
+    root = _root()
+    if not root.is_dir():
+        return []
+    return sorted(p.parent.name[: -len(_SUFFIX)] for p in root.glob(f"*{_SUFFIX}/config.json") if p.is_file())
+
+
+def config_path(model_id_or_path: str | os.PathLike[str]) -> Path:
+    """Resolve an id (`qwen3`), a toy dir, or a config.json path to the config.json file.
+
+    Ids are what pytest case ids and nox positional args carry; paths are what the seed's
+    `pytest.param("./tests/toy_config/...")` style carries. Both must work.
+    """
+    raw = os.fspath(model_id_or_path)
+    candidate = Path(raw).expanduser()
+    looks_like_path = candidate.suffix == ".json" or os.sep in raw or (os.altsep and os.altsep in raw)
+    if candidate.is_dir():
+        target = candidate / "config.json"
+        if not target.is_file():
+            raise ToyConfigError(f"{target}: missing file (directory {candidate} has no config.json)")
+        return target
+    if candidate.is_file():
+        return candidate
+    if looks_like_path:
+        raise ToyConfigError(f"{candidate}: missing file")
+    model_id = raw[: -len(_SUFFIX)] if raw.endswith(_SUFFIX) else raw
+    target = _root() / f"{model_id}{_SUFFIX}" / "config.json"
+    if target.is_file():
+        return target
+    known = known_models()
+    close = difflib.get_close_matches(model_id, known, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ToyConfigError(
+        f"unknown toy model id {model_id!r} (no {target}).{hint} Known ids: {', '.join(known) or '(none)'}"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """Parse with positions in the error, because a toy config is edited by hand."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ToyConfigError(f"{path}: missing file") from exc
+    except OSError as exc:
+        raise ToyConfigError(f"{path}: cannot read ({exc})") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ToyConfigError(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ToyConfigError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def config_hash(path: str | os.PathLike[str]) -> str:
+    """sha256 of the canonical JSON, so whitespace/key-order edits do not change the fingerprint."""
+    data = _read_json(config_path(path))
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# transformers side
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(model_id_or_path: str | os.PathLike[str]) -> PretrainedConfig:
+    """Load a toy config from the local file only, turning every failure into a ToyConfigError.
+
+    The JSON is parsed here (not by `AutoConfig.from_pretrained`) so no hub code path is taken
+    and the error names the file with a precise reason instead of a hub lookup message.
+    """
+    path = config_path(model_id_or_path)
+    data = _read_json(path)
+    model_type = data.get("model_type")
+    if not model_type:
+        raise ToyConfigError(f"{path}: missing 'model_type'")
+    if not isinstance(model_type, str):
+        raise ToyConfigError(f"{path}: 'model_type' must be a string, got {type(model_type).__name__}")
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ToyConfigError(
+            f"{path}: unknown model_type {model_type!r} for this transformers version.{hint}"
+        )
+    config_cls = CONFIG_MAPPING[model_type]
+    try:
+        config = config_cls.from_dict(copy.deepcopy(data))
+    except Exception as exc:  # strict-dataclass, TypeError, ValueError: all mean "bad field"
+        raise ToyConfigError(f"{path}: invalid {model_type} config: {type(exc).__name__}: {exc}") from exc
+    config._name_or_path = str(path.parent)
+    return config
+
+
+def model_family(config: PretrainedConfig) -> str:
+    """Return "omni" (audio+vision thinker), "vlm" (vision tower) or "text": decides batch layout."""
+    if getattr(config, "audio_config", None) is not None:
+        return "omni"
+    if getattr(config, "vision_config", None) is not None:
+        return "vlm"
+    return "text"
+
+
+def _text_config(config: PretrainedConfig) -> Any:
+    sub = getattr(config, "text_config", None)
+    return sub if sub is not None else config
+
+
+def is_moe(config: PretrainedConfig) -> bool:
+    """True when the text stack has routed experts (the MoE backends only apply then)."""
+    text = _text_config(config)
+    for key in ("num_experts", "n_routed_experts", "num_local_experts"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return True
+    return False
+
+
+def _auto_class(config: PretrainedConfig) -> Any:
+    """AutoModelForImageTextToText maps every VLM and both Omni thinkers in 5.17 and 5.24."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForCausalLM if model_family(config) == "text" else AutoModelForImageTextToText
+
+
+def _is_custom_flash(name: str) -> bool:
+    return "flash" in name and name not in _HF_FLASH_NAMES and "|" not in name and "/" not in name
+
+
+def _apply_attn_implementation(model: Any, requested: str | dict[str, str]) -> None:
+    """Switch attention after the build; HF validates its own names, project flash names bypass it.
+
+    HF's build-time check rejects any unregistered-kernel name containing "flash", so such project
+    backends are written straight into the config (its setter propagates to sub-configs). They
+    must be registered first, otherwise the model would silently fall back to eager attention.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    as_dict = dict(requested) if isinstance(requested, dict) else {"": requested}
+    custom = {k: v for k, v in as_dict.items() if isinstance(v, str) and _is_custom_flash(v)}
+    native = {k: v for k, v in as_dict.items() if k not in custom}
+    for key, name in custom.items():
+        if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+            where = f" (for {key})" if key else ""
+            raise ValueError(
+                f"attention implementation {name!r}{where} is not registered in AttentionInterface; "
+                "register it before build_model, otherwise transformers silently runs eager attention"
+            )
+    if native:
+        model.set_attn_implementation(native[""] if set(native) == {""} else native)
+    if custom:
+        model.config._attn_implementation = custom[""] if set(custom) == {""} else custom
+
+
+def _configs(config: Any) -> list[Any]:
+    """The config and all nested sub-configs (vision/audio/text), depth first."""
+    found, stack = [], [config]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        for key in getattr(current, "sub_configs", None) or {}:
+            sub = getattr(current, key, None)
+            if sub is not None:
+                stack.append(sub)
+    return found
+
+
+def _cast(model: Any, dtype: torch.dtype, device: str | torch.device) -> None:
+    """Cast parameters/persistent buffers, keep derived constants (rotary inv_freq) in fp32.
+
+    HF's `from_pretrained(dtype=bf16)` computes non-persistent buffers in fp32; a blanket
+    `model.to(bf16)` would round them and make the toy diverge from how real runs load.
+    """
+    keep: list[tuple[Any, str, torch.Tensor]] = []
+    for module in model.modules():
+        for name in getattr(module, "_non_persistent_buffers_set", ()):
+            buf = module._buffers.get(name)
+            if buf is not None and buf.is_floating_point():
+                keep.append((module, name, buf))
+    model.to(device=device, dtype=dtype)
+    for module, name, buf in keep:
+        module._buffers[name] = buf.to(device=device)
+
+
+def build_model(
+    config: PretrainedConfig | str | os.PathLike[str],
+    *,
+    attn_implementation: str | dict[str, str],
+    experts_implementation: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Build the toy model with weights that never depend on the requested backends.
+
+    Steps: seed, build on CPU in fp32 with eager attention (and eager experts for MoE), then
+    switch to the requested implementations through HF's setters (so HF still validates and a
+    missing flash package raises ImportError instead of falling back), cast, move, train mode,
+    and `use_cache=False` everywhere (a cache silently disables packed-sequence masks).
+    `experts_implementation=None` keeps transformers' default for MoE models (grouped_mm).
+    `dtype=None` means float32 (the default is not spelled `torch.float32` so that this module
+    stays importable without torch). The Omni ids build the thinker class itself: it is the
+    trainable model. `set_attn_implementation`/`set_experts_implementation` exist with the same
+    behaviour in 5.17 and 5.24 for this use (5.17 matches sub-models by config identity and
+    keeps a temporary marker while propagating; each setter is called once here, so the
+    difference does not show).
+    """
+    import torch
+
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(config)
+    config = copy.deepcopy(config)
+    dtype = torch.float32 if dtype is None else dtype
+    moe = is_moe(config)
+
+    build_kwargs: dict[str, Any] = {"attn_implementation": "eager"}
+    if moe and experts_implementation is not None:
+        build_kwargs["experts_implementation"] = "eager"
+    torch.manual_seed(seed)
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            model = _auto_class(config).from_config(config, **build_kwargs)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+
+    _apply_attn_implementation(model, attn_implementation)
+    if experts_implementation is not None:
+        model.set_experts_implementation(experts_implementation)
+
+    _cast(model, dtype, device)
+    model.train()
+    for cfg in _configs(model.config):
+        if hasattr(cfg, "use_cache"):
+            cfg.use_cache = False
+    return model
