@@ -49,6 +49,17 @@ def merge(session: nox.Session) -> None:
     suites.run_merge(session)
 
 
+@nox.session(reuse_venv=True, default=False)
+def bench(session: nox.Session) -> None:
+    """GPU benchmark, bf16 fwd+bwd: fused MoE vs grouped_mm vs eager experts; parity FA2 vs masked sdpa.
+
+    Usage: nox -s bench -- [--out FILE.json] [--only moe|attention] [--iters N]
+    Prints median times, ratios, TFLOP/s and peak memory; writes JSON (default results/bench.json).
+    Skipped without a CUDA GPU.
+    """
+    suites.run_bench(session)
+
+
 @nox.session(reuse_venv=True)
 def tests(session: nox.Session) -> None:
     """The toolkit's own test suite on CPU (what CI runs). Extra args go to pytest."""

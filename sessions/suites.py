@@ -166,3 +166,23 @@ def run_tests(session: nox.Session) -> None:
             env=env,
             external=True,
         )
+
+
+def run_bench(session: nox.Session) -> None:
+    """GPU benchmark of parity's kernels beside transformers' (not a test: numbers, not verdicts)."""
+    from sessions.hardware import visible_gpus
+
+    gpus, why = visible_gpus()
+    if not gpus:
+        session.skip(f"bench needs a CUDA GPU: {why}")
+    session.log(envs.prepare(session, [envs.variant_requirements("eager")]))
+    args = session.posargs or ["--out", str(DEFAULT_RESULTS / "bench.json")]
+    with session.chdir(ROOT):
+        session.run(
+            envs.python(session),
+            "-m",
+            "parity.bench",
+            *args,
+            env=_env(DEFAULT_RESULTS, "eager"),
+            external=True,
+        )
