@@ -199,7 +199,7 @@ def run_case(
 
 
 def failures(records: list[dict[str, Any]]) -> list[str]:
-    """The same verdicts the merge gives (with each record's effective tolerance), for the in-test assertion."""
+    """The merge's verdicts (each record's own effective tolerance), for the in-test assertion."""
     problems = []
     ref = records[0]
     if ref["status"] != "ok":

@@ -3,10 +3,11 @@
 One test per model: build a fresh model per mode from identical CPU-seeded weights, run one
 forward+backward on the same packed batch (two samples in one row, position ids restarting), and
 compare loss and total grad norm of every mode (HF's backends, and parity's own attention and
-fused MoE backends) with the reference (HF eager attention, eager
-experts) within the case's (rtol, atol). The defaults are sized for bf16; float32 runs (CPU) tighten them to
-parity.patch_runner.FP32_TOLERANCE, since fp32 backends agree to ~1e-7. Each backend variant (one environment per variant, chosen
-by the nox session through PARITY_VARIANT) runs its own modes plus the reference.
+fused MoE backends) with the reference (HF eager attention, eager experts) within the case's
+(rtol, atol). The defaults are sized for bf16; float32 runs (CPU) tighten them to
+parity.patch_runner.FP32_TOLERANCE, since fp32 backends agree to ~1e-7. Each backend variant (one
+environment per variant, chosen by the nox session through PARITY_VARIANT) runs its own modes plus
+the reference.
 
 Adding a model: append a pytest.param below (its id is the model id used by `nox -s patch -- <id>`),
 and filter the modes it does not support in `test_models_patch_fwd_bwd`, keyed on `case_id`.
