@@ -18,7 +18,7 @@ import nox
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sessions import suites  # noqa: E402
+from sessions import suites, vlm  # noqa: E402
 from sessions.variants import VARIANTS  # noqa: E402
 
 nox.needs_version = ">=2025.02.09"
@@ -47,6 +47,26 @@ def merge(session: nox.Session) -> None:
     Prints one table and writes summary.json and summary.md into the results folder.
     """
     suites.run_merge(session)
+
+
+@nox.session(reuse_venv=True)
+def vlm_trainer(session: nox.Session) -> None:
+    """freeze_vit freezes exactly the vision (and audio) tower of each VLM/Omni toy model, then merge.
+
+    Usage: nox -s vlm_trainer -- [MODEL ...] [--results DIR] [--timeout S]
+    """
+    vlm.run_vlm_trainer(session)
+
+
+@nox.session(reuse_venv=True)
+def dummy_forward(session: nox.Session) -> None:
+    """Rank-asymmetric multimodal batches under 2-rank FSDP2 must finish, not hang; then merge.
+
+    Usage: nox -s dummy_forward -- [MODEL ...] [--results DIR] [--timeout S]
+    Rank 0 gets images/video (and audio for Omni), rank 1 text only. PARITY_DISABLE_DUMMY_FORWARD=1
+    turns the dummy_forward hook off: the same run must then fail fast with every rank's stack.
+    """
+    vlm.run_dummy_forward(session)
 
 
 @nox.session(reuse_venv=True, default=False)

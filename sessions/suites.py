@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import nox
@@ -91,17 +92,29 @@ def probe_variant(session: nox.Session, variant: Variant, env: dict[str, str]) -
     return bool(info.get("ok")), info
 
 
-def run_patch(session: nox.Session, variant_name: str) -> None:
+def run_suite(
+    session: nox.Session,
+    suite: str,
+    variant_name: str,
+    test_file: Path,
+    node_ids: Callable[[list[str]], list[str]],
+) -> None:
+    """The body every suite session shares.
+
+    Validate the model ids against the suite's case list, queue the merge, clear this variant's
+    old records, skip (with the reason, recorded) when hardware or packages are missing, run
+    pytest on ``node_ids(models)`` with a per-test timeout, and record pytest's exit code.
+    """
     variant = VARIANTS[variant_name]
-    cases = known_cases(PATCH_TEST)
-    args = parse_suite_args(session, cases, f"nox -s 'patch({variant_name})' --")
-    merge_args = ["--results", str(args.results), "--suite", "patch", "--models", *args.models]
+    cases = known_cases(test_file)
+    args = parse_suite_args(session, cases, f"nox -s '{session.name}' --")
+    merge_args = ["--results", str(args.results), "--suite", suite, "--models", *args.models]
     for required in args.require:
         merge_args += ["--require", required]
     session.notify("merge", posargs=merge_args)
 
-    _clear_previous(args.results, "patch", variant.name, args.models)
-    manifest = RunManifest("patch", variant.name, args.models, "ran")
+    _clear_previous(args.results, suite, variant.name, args.models)
+    manifest = RunManifest(suite, variant.name, args.models, "ran")
     reason = hardware_skip_reason(variant)
     if reason:
         _skip(session, manifest, args.results, reason)
@@ -116,22 +129,37 @@ def run_patch(session: nox.Session, variant_name: str) -> None:
         _skip(session, manifest, args.results, f"{variant.name}: {info.get('reason')}")
     manifest.extra = {"probe": info}
 
-    node_ids = [f"{PATCH_TEST.relative_to(ROOT)}::test_models_patch_fwd_bwd[{m}]" for m in args.models]
     pytest_args = ["-p", "no:cacheprovider", "-v", "-s", f"--rootdir={ROOT}"]
     if info.get("pytest_timeout"):
+        # Per-test timeout markers in a suite are tighter and take precedence; this bounds the rest.
         pytest_args += [f"--timeout={args.timeout:g}", "--timeout-method=thread"]
     else:
         session.warn("pytest-timeout is not installed in this env: a hung case will not be stopped")
-    session.log(f"patch({variant.name}): {len(args.models)} model(s), results -> {args.results}")
+    session.log(f"{session.name}: {len(args.models)} model(s), results -> {args.results}")
     with session.chdir(ROOT):
-        code = _run_pytest(session, [*pytest_args, *node_ids], env)
+        code = _run_pytest(session, [*pytest_args, *node_ids(args.models)], env)
     manifest.exit_code = code
     manifest.status = "ran" if code in (0, 1) else "failed"
     if code not in (0, 1):
         manifest.reason = f"pytest exited with code {code} (usage/internal error, or interrupted)"
-    write_json_atomic(run_manifest_path(args.results, "patch", variant.name), manifest.to_json())
+    write_json_atomic(run_manifest_path(args.results, suite, variant.name), manifest.to_json())
     if code != 0:
-        session.error(f"patch({variant.name}): pytest exit code {code}; the merge below names each failure")
+        session.error(f"{session.name}: pytest exit code {code}; the merge below names each failure")
+
+
+def node_id(test_file: Path, name: str, param: str | None = None) -> str:
+    node = f"{test_file.relative_to(ROOT)}::{name}"
+    return f"{node}[{param}]" if param is not None else node
+
+
+def run_patch(session: nox.Session, variant_name: str) -> None:
+    run_suite(
+        session,
+        "patch",
+        variant_name,
+        PATCH_TEST,
+        lambda models: [node_id(PATCH_TEST, "test_models_patch_fwd_bwd", m) for m in models],
+    )
 
 
 def _run_pytest(session: nox.Session, args: list[str], env: dict[str, str]) -> int:

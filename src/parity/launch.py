@@ -142,12 +142,21 @@ class LaunchResult:
         return "\n".join(lines)
 
     def _ranks_to_show(self) -> list[int]:
-        # torchrun SIGTERMs the healthy ranks when one fails; their logs are noise.
+        # torchrun SIGTERMs the healthy ranks when one fails; their logs are noise, unless the rank
+        # raised on its own first (a collective mismatch fails on both sides: both stacks matter).
         shown = list(self.root_cause_ranks)
         shown += [r for r, c in sorted(self.failed_ranks.items()) if r not in shown and c != -signal.SIGTERM]
+        shown += [r for r in sorted(self.rank_logs) if r not in shown and self.raised(r)]
         if not shown:  # torchrun's report was unreadable: show every rank that said anything
             shown = sorted(self.rank_logs)
         return shown
+
+    def raised(self, rank: int) -> bool:
+        """Whether this rank's own stderr holds a Python traceback (it failed, not just got killed)."""
+        log_dir = self.rank_logs.get(rank)
+        if log_dir is None:
+            return False
+        return "Traceback (most recent call last)" in _read_text(log_dir / "stderr.log")
 
     def _log_tail(self, rank: int) -> list[str]:
         log_dir = self.rank_logs.get(rank)

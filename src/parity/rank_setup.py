@@ -68,6 +68,9 @@ def _install_stack_dumps(rank: int) -> None:
         # chain=False: the default SIGUSR1 action is to terminate, which would turn a diagnostic
         # request into a crash.
         faulthandler.register(signal.SIGUSR1, file=out, all_threads=True, chain=False)
+    # When one rank fails, torchrun SIGTERMs the others: dump where each of them was (then die as
+    # SIGTERM would), so a collective mismatch reports every rank's stack, not only the one that raised.
+    faulthandler.register(signal.SIGTERM, file=out, all_threads=True, chain=True)
 
     rank_timeout = os.environ.get(ENV_RANK_TIMEOUT)
     if rank_timeout:

@@ -1,0 +1,426 @@
+"""Rank-asymmetric multimodal batches under FSDP2 finish, with the numbers of an unsharded run.
+
+2-rank ``torchrun`` jobs (gloo on CPU, NCCL on GPUs) through ``parity.launch`` (watchdog, per-rank
+stacks on a hang, no leftover process). Rank 0 gets images + video (+ audio for Omni), rank 1
+text only; the worker (``parity.checks.dummy_forward_check``) installs
+``parity.dummy_forward.enable_dummy_forward``, shards with FSDP2 and trains two SGD steps. Both
+ranks must finish with finite loss and gradients and match an unsharded, hook-free reference.
+
+The batch function of a case is how rank 0's multimodal batch is built. It runs in the worker
+processes, so it travels by name: ``partial(_vlm_batch, patch_size=P)`` becomes
+``batch=vlm_batch,patch_size=P`` (the worker checks P against the config). The functions are
+imported from the worker module, so the names here are the real builders, not stand-ins.
+
+One job for all selected cases: process start-up and the first transformers import cost more
+than a toy case itself (about 15 s vs 5 s on a 2-core CPU), so the selected cases of this module
+(``-k`` works as usual) share one launch, started by the first test that needs it; every test
+still asserts on its own case's result file. Each case runs under its own deadline inside the
+ranks (CASE_TIMEOUT_S: stack dump, then exit), so one hang fails fast and names its case; cases
+after a crash report "not reached".
+
+The negative control runs qwen2_5_vl alone with ``PARITY_DISABLE_DUMMY_FORWARD=1``: it must fail
+within the launcher timeout (on gloo a collective size mismatch aborts a rank within seconds; on
+NCCL the job hangs until the process-group timeout) and leave no process behind.
+
+Hang defences, innermost first: process-group timeout PG_TIMEOUT_S (a stuck collective raises),
+per-case rank deadline CASE_TIMEOUT_S, launcher watchdog (stacks of every rank, then kill the
+whole tree), pytest-timeout (thread method) as the backstop. PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S
+scales the per-case numbers on slow machines.
+
+Adding a model: append to ``_vlm_cases`` or ``_omni_cases`` (the id is the model id of
+``nox -s dummy_forward -- <id>``), then ``pytest tests/distributed/test_dummy_forward.py -k <id>``.
+
+The in-process tests at the end (no torchrun) check the hook itself on every case: on a text-only
+batch, exactly the parameters a real multimodal batch reaches get a gradient, and loss and
+gradients are bit-identical to the model without hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from parity.checks.dummy_forward_check import enable_activation_checkpointing  # noqa: E402
+from parity.checks.dummy_forward_check import omni_batch as _omni_batch  # noqa: E402
+from parity.checks.dummy_forward_check import text_batch as _text_batch  # noqa: E402
+from parity.checks.dummy_forward_check import vlm_batch as _vlm_batch  # noqa: E402
+from parity.launch import ENV_PG_TIMEOUT, LaunchResult, launch  # noqa: E402
+from parity.records import ResultsWriter  # noqa: E402
+
+NPROC = 2
+STEPS = 2
+CASE_TIMEOUT_S = float(os.environ.get("PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S", "75"))
+PG_TIMEOUT_S = min(40.0, 0.5 * CASE_TIMEOUT_S)  # the collective layer fires first, with a real error
+STARTUP_S = 60.0  # torchrun + imports of both ranks, before the first case starts
+
+
+def launch_timeout(n_cases: int) -> float:
+    """Watchdog of a job running ``n_cases``: start-up plus every case's own deadline."""
+    return STARTUP_S + CASE_TIMEOUT_S * n_cases
+
+
+SUITE = "dummy_forward"
+EXPECTED_MODES = ["reference", "fsdp2_asym"]
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src"
+MODULE = "parity.checks.dummy_forward_check"
+
+_vlm_cases = [
+    pytest.param("qwen2_vl", "./toy_config/qwen2_vl_toy", partial(_vlm_batch, patch_size=14), id="qwen2_vl"),
+    pytest.param(
+        "qwen2_5_vl", "./toy_config/qwen2_5_vl_toy", partial(_vlm_batch, patch_size=14), id="qwen2_5_vl"
+    ),
+    pytest.param("qwen3_vl", "./toy_config/qwen3_vl_toy", partial(_vlm_batch, patch_size=16), id="qwen3_vl"),
+    pytest.param(
+        "qwen3_vl_moe", "./toy_config/qwen3_vl_moe_toy", partial(_vlm_batch, patch_size=16), id="qwen3_vl_moe"
+    ),
+    pytest.param("qwen3_5", "./toy_config/qwen3_5_toy", partial(_vlm_batch, patch_size=16), id="qwen3_5"),
+    pytest.param(
+        "qwen3_5_moe", "./toy_config/qwen3_5_moe_toy", partial(_vlm_batch, patch_size=16), id="qwen3_5_moe"
+    ),
+]
+
+_omni_cases = [
+    pytest.param(
+        "qwen2_5_omni",
+        "./toy_config/qwen2_5_omni_toy",
+        partial(_omni_batch, patch_size=14),
+        id="qwen2_5_omni",
+    ),
+    pytest.param(
+        "qwen3_omni_moe",
+        "./toy_config/qwen3_omni_moe_toy",
+        partial(_omni_batch, patch_size=16),
+        id="qwen3_omni_moe",
+    ),
+]
+
+# Also with gradient checkpointing on: one ViT with DeepStack, one thinker with an audio tower.
+_GRADIENT_CHECKPOINTING_IDS = ["qwen3_vl", "qwen2_5_omni"]
+_NEGATIVE_CONTROL_ID = "qwen2_5_vl"
+_ALL_CASES = _vlm_cases + _omni_cases
+# pytest-timeout counts fixture time: the first test pays for the whole shared job.
+TEST_TIMEOUT_S = launch_timeout(len(_ALL_CASES) + len(_GRADIENT_CHECKPOINTING_IDS)) + 60
+
+
+def _case(case_id: str) -> tuple:
+    return next(p.values for p in _ALL_CASES if p.id == case_id)
+
+
+def _spec(key: str, case_id: str, *, gc: bool) -> str:
+    """``--case`` value of the worker: the batch function travels by name and keyword arguments."""
+    _, config_path, batch_fn = _case(case_id)
+    spec = (
+        f"id={key},config={ROOT / config_path},batch={batch_fn.func.__name__},"
+        f"patch_size={batch_fn.keywords['patch_size']}"
+    )
+    return spec + (",gc=1" if gc else "")
+
+
+def _key(case_id: str, gc: bool) -> str:
+    return f"{case_id}_gc" if gc else case_id
+
+
+def _launch(root: Path, keys: list[tuple[str, str, bool]], env: dict[str, str] | None = None) -> LaunchResult:
+    pythonpath = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
+    args = ["-m", MODULE, "--steps", str(STEPS), "--out-dir", str(root / "out")]
+    args += ["--case-timeout", f"{CASE_TIMEOUT_S:g}"]
+    for key, case_id, gc in keys:
+        args += ["--case", _spec(key, case_id, gc=gc)]
+    launch_env = {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": pythonpath,
+        "HF_HUB_OFFLINE": "1",
+        ENV_PG_TIMEOUT: f"{PG_TIMEOUT_S:g}",
+        **(env or {}),
+    }
+    return launch(
+        args, nproc=NPROC, timeout_s=launch_timeout(len(keys)), log_dir=root / "logs", env=launch_env
+    )
+
+
+@dataclass
+class Job:
+    """One launch of the worker for several cases, and where each case's result lands."""
+
+    result: LaunchResult
+    out_dir: Path
+    keys: list[str]
+
+    def summary(self, key: str) -> dict | None:
+        path = self.out_dir / f"{key}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def explain_missing(self, key: str) -> str:
+        done = [k for k in self.keys if self.summary(k) is not None]
+        failed_at = next((k for k in self.keys if k not in done), None)
+        where = "this case" if failed_at == key else f"case {failed_at} (this one was not reached)"
+        status = self.result.summary().splitlines()[0].removeprefix("parity.launch: ")
+        return f"no result for {key}: the job ended in {where}: {status}\n{self.result.summary()}"
+
+
+def _selected(session: pytest.Session, module: object) -> list[tuple[str, str, bool]]:
+    """(result key, case id, gradient checkpointing) of every case test selected in this session."""
+    keys = []
+    for item in session.items:
+        if getattr(item, "module", None) is not module or not hasattr(item, "callspec"):
+            continue
+        if item.originalname == "test_dummy_forward":
+            case_id, gc = item.callspec.id, False
+        elif item.originalname == "test_dummy_forward_gradient_checkpointing":
+            case_id, gc = item.callspec.params["case_id"], True
+        else:
+            continue
+        keys.append((_key(case_id, gc), case_id, gc))
+    return keys
+
+
+@pytest.fixture(scope="module")
+def job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Job:
+    keys = _selected(request.session, request.module)
+    root = tmp_path_factory.mktemp("dummy_forward")
+    start = time.monotonic()
+    result = _launch(root, keys)
+    print(f"\nshared job: {len(keys)} case(s), {result.status} in {time.monotonic() - start:.1f}s")
+    return Job(result, root / "out", [k for k, _, _ in keys])
+
+
+@pytest.fixture
+def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(os.environ.get("PARITY_RESULTS") or tmp_path_factory.mktemp("results"))
+
+
+def _write_records(model: str, summary: dict | None, reason: str, results_dir: Path) -> None:
+    """One results file per model for ``python -m parity.merge --suite dummy_forward``."""
+    variant = os.environ.get("PARITY_VARIANT", "eager")
+    writer = ResultsWriter(results_dir, SUITE, variant, model, EXPECTED_MODES)
+    if summary is not None and summary.get("records"):
+        for record in summary["records"]:
+            writer.add(record)
+        return
+    # The job hung or crashed before rank 0 wrote this case: record why, so the merge says ERROR.
+    from parity.fingerprint import fingerprint
+    from parity.toy import config_hash
+
+    fp = fingerprint(device="cpu", dtype=torch.float32, seed=0, config_hash=config_hash(model))
+    for mode in EXPECTED_MODES:
+        writer.add(
+            {
+                "mode": {"id": mode},
+                "status": "error",
+                "requested": {},
+                "resolved": {},
+                "metrics": {},
+                "tolerance": {"rtol": 1e-4, "atol": 1e-5},
+                "fingerprint": fp,
+                "error": reason,
+            }
+        )
+
+
+def _check(job: Job, key: str) -> dict:
+    summary = job.summary(key)
+    assert job.result.survivors == [], job.result.summary()
+    assert summary is not None, job.explain_missing(key)
+    for rank in summary["ranks"]:
+        print(
+            f"{key} rank {rank['rank']}: inputs={rank['modalities']} dummy_calls={rank['dummy_calls']} "
+            f"losses={rank['losses']} grad_norm={rank['grad_norm']}"
+        )
+    print(
+        f"{key}: {summary['elapsed_s']}s in the job; deviation from reference {summary.get('max_deviation')}"
+    )
+    assert summary["passed"], f"{key}: " + "; ".join(summary["problems"])
+    rank0, rank1 = summary["ranks"]
+    assert rank0["modalities"] and not rank1["modalities"], "the batches are not rank-asymmetric"
+    assert rank0["dummy_forward_enabled"] and rank1["dummy_forward_enabled"]
+    # The text-only rank ran one dummy pass per modality and step; rank 0 had everything real.
+    expected = {"image": STEPS, "video": STEPS}
+    if "input_features" in rank0["modalities"]:
+        expected["audio"] = STEPS
+    assert rank1["dummy_calls"] == expected
+    assert rank0["dummy_calls"] == {}
+    return summary
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(TEST_TIMEOUT_S, method="thread")
+@pytest.mark.parametrize("model_name, config_path, batch_fn", _ALL_CASES)
+def test_dummy_forward(job: Job, results_dir: Path, model_name: str, config_path: str, batch_fn: partial):
+    summary = job.summary(model_name)
+    reason = "" if summary is not None else job.explain_missing(model_name).splitlines()[0]
+    _write_records(model_name, summary, reason, results_dir)
+    _check(job, model_name)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(TEST_TIMEOUT_S, method="thread")
+@pytest.mark.parametrize("case_id", _GRADIENT_CHECKPOINTING_IDS)
+def test_dummy_forward_gradient_checkpointing(job: Job, case_id: str):
+    summary = _check(job, _key(case_id, True))
+    assert summary["gradient_checkpointing"]
+
+
+def _pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        alive.append(pid)
+    return alive
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(launch_timeout(1) + 60, method="thread")
+def test_negative_control_without_dummy_forward_fails(tmp_path: Path):
+    """Same job, hooks off: it must fail (not pass, not hang forever) and leave nothing behind."""
+    key = _NEGATIVE_CONTROL_ID
+    start = time.monotonic()
+    result = _launch(tmp_path, [(key, key, False)], env={"PARITY_DISABLE_DUMMY_FORWARD": "1"})
+    elapsed = time.monotonic() - start
+    print(f"negative control ({key}, dummy forward off): {result.status} after {elapsed:.1f}s")
+    print(result.summary())
+    assert result.status in ("crash", "timeout"), f"the asymmetric job did not fail\n{result.summary()}"
+    assert not (tmp_path / "out" / f"{key}.json").is_file()
+    assert elapsed < launch_timeout(1) + 30, f"failure took {elapsed:.1f}s"
+    assert result.survivors == [], result.summary()
+    if result.status == "timeout":
+        # A hang: the launcher must have collected every rank's stack before killing it.
+        assert sorted(result.stacks) == list(range(NPROC)), result.summary()
+    else:
+        # A crash: torchrun names the rank that failed first, and every rank says where it was:
+        # a faulthandler stack (fatal signal, or torchrun's SIGTERM) or its own Python traceback.
+        assert result.root_cause_ranks or result.failed_ranks, result.summary()
+        for rank in range(NPROC):
+            assert "File " in result.stacks.get(rank, "") or result.raised(rank), result.summary()
+    stacks = tmp_path / "logs" / "stacks"
+    pids = [int(p.read_text()) for p in stacks.glob("rank_*.pid")]
+    assert len(pids) == NPROC, f"expected {NPROC} rank pid files in {stacks}"
+    assert _pids_alive(pids) == [], f"rank processes still alive: {_pids_alive(pids)}"
+
+
+# --------------------------------------------------------------------------------------------
+# in-process checks of the hook (fast; no torchrun)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_name, config_path, batch_fn", _ALL_CASES)
+def test_dummy_pass_reaches_what_a_real_batch_reaches(model_name: str, config_path: str, batch_fn: partial):
+    """Text-only batch with hooks: the parameters a real multimodal batch reaches get a gradient
+    (the SPMD condition for FSDP2's reduce-scatters); loss and gradients equal the unhooked model's."""
+    from parity import toy
+    from parity.dummy_forward import enable_dummy_forward
+
+    config = toy.load_config(ROOT / config_path)
+    real_batch = batch_fn(config, rank=0)
+    text = _text_batch(config, rank=1)
+
+    # One model throughout: no optimizer step, so the weights never change between the passes.
+    model = toy.build_model(config, attn_implementation="eager")
+    model(**real_batch).loss.backward()
+    real = {n for n, g in _grads(model).items() if g is not None}
+    model.zero_grad(set_to_none=True)
+
+    plain_loss = model(**text).loss
+    plain_loss.backward()
+    plain = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    hooks = enable_dummy_forward(model)
+    hooked_loss = model(**text).loss
+    hooked_loss.backward()
+    hooked = _grads(model)
+
+    reached = {n for n, g in hooked.items() if g is not None}
+    assert reached == real, (
+        f"real only: {sorted(real - reached)[:5]}; dummy only: {sorted(reached - real)[:5]}"
+    )
+    assert hooked_loss.item() == plain_loss.item()
+    for name, grad in hooked.items():
+        if plain[name] is None:
+            assert grad is None or not grad.any(), f"{name}: the dummy pass gave a non-zero gradient"
+        else:
+            assert torch.equal(grad, plain[name]), f"{name}: the dummy pass changed a gradient"
+    expected = {"image": 1, "video": 1} | ({"audio": 1} if "input_features" in real_batch else {})
+    assert dict(hooks.calls) == expected
+
+    hooks.calls.clear()
+    with torch.no_grad():
+        model(**real_batch)  # everything real: no dummy pass
+    assert dict(hooks.calls) == {}
+
+
+def test_hooks_can_be_disabled_and_removed(monkeypatch: pytest.MonkeyPatch):
+    from parity import toy
+    from parity.dummy_forward import ENV_DISABLE, dummy_forward, enable_dummy_forward
+
+    config = toy.load_config(ROOT / "toy_config/qwen2_vl_toy")
+    model = toy.build_model(config, attn_implementation="eager")
+    monkeypatch.setenv(ENV_DISABLE, "1")
+    off = enable_dummy_forward(model)
+    assert not off.enabled
+    with torch.no_grad():
+        model(**_text_batch(config, rank=1))
+    assert dict(off.calls) == {}
+
+    monkeypatch.delenv(ENV_DISABLE)
+    zero = dummy_forward(model, "video")  # the one-shot building block: an exact zero on the graph
+    assert zero.item() == 0.0 and zero.requires_grad
+    hooks = enable_dummy_forward(model)
+    with pytest.raises(RuntimeError, match="already installed"):
+        enable_dummy_forward(model)
+    hooks.remove()
+    assert "get_image_features" not in model.model.__dict__
+    enable_dummy_forward(model).remove()  # installable again after remove()
+
+
+def test_text_only_model_is_rejected():
+    from parity import toy
+    from parity.dummy_forward import enable_dummy_forward
+
+    model = toy.build_model(toy.load_config(ROOT / "toy_config/qwen3_toy"), attn_implementation="eager")
+    with pytest.raises(ValueError, match="Qwen3ForCausalLM has no vision tower"):
+        enable_dummy_forward(model)
+
+
+def test_dummy_pass_is_local_and_not_checkpointed():
+    """Inside a dummy pass: no sp group (no Ulysses exchange, no split) and no checkpointing (a
+    recomputation would run outside the pass, with sp back on); both are restored afterwards."""
+    from parity import parallel_state, toy
+    from parity.dummy_forward import enable_dummy_forward
+    from parity.vlm_trainer import find_tower
+
+    config = toy.load_config(ROOT / "toy_config/qwen3_vl_toy")
+    model = toy.build_model(config, attn_implementation="eager")
+    enable_activation_checkpointing(model)
+    tower = find_tower(model)
+    seen = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        flags = [m.gradient_checkpointing for m in tower.modules() if hasattr(m, "gradient_checkpointing")]
+        seen.append((parallel_state.get_sp_group(), any(flags)))
+
+    tower.register_forward_pre_hook(record)
+    enable_dummy_forward(model)
+    sentinel = object()  # stands for an active sp group; eager attention never touches it
+    with parallel_state.parallel_groups(sp=sentinel):
+        model(**_text_batch(config, rank=1)).loss.backward()
+        assert parallel_state.get_sp_group() is sentinel
+    assert seen == [(None, False), (None, False)]  # image and video dummy passes
+    assert all(m.gradient_checkpointing for m in tower.modules() if hasattr(m, "gradient_checkpointing"))
