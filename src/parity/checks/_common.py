@@ -183,3 +183,34 @@ def run_cases(cases: dict[str, Callable[[CaseResult], None]], selected: str) -> 
             print(f"case {name} raised:", exc, file=sys.stderr, flush=True)
         results.append(res)
     return results
+
+
+def main(tag: str, cases: dict[str, Callable[[CaseResult], None]], doc: str, argv: list[str] | None) -> int:
+    """The whole life of a check worker: parse, join the group, run the cases, leave, report."""
+    args = parse_args(doc.splitlines()[0], argv)
+    rank, _ = init(args)
+    try:
+        results = run_cases(cases, args.cases)
+    finally:
+        from parity.rank_setup import shutdown
+
+        shutdown()
+    return finish(tag, rank, results, args.out)
+
+
+def tiny_text_config(model_type: str, **extra: object) -> object:
+    """A tiny in-memory config (head_dim 16, 2 layers): checks must not depend on toy_config files."""
+    from transformers import AutoConfig
+
+    base = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        use_cache=False,
+    )
+    return AutoConfig.for_model(model_type, **(base | extra))

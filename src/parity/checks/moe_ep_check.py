@@ -19,7 +19,8 @@ import copy
 import torch
 import torch.distributed as dist
 
-from parity.checks._common import SETTINGS, CaseResult, finish, init, parse_args, run_cases
+from parity.checks import _common
+from parity.checks._common import SETTINGS, CaseResult
 from parity.moe import ep_expert_range, shard_experts_for_ep
 from parity.parallel_state import parallel_groups
 
@@ -125,24 +126,15 @@ def _case(res: CaseResult, *, model_type: str, top_k: int, shard_params: bool) -
 
 
 def _tiny_qwen3_moe() -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
+    cfg = _common.tiny_text_config(
         "qwen3_moe",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
         moe_intermediate_size=32,
         num_experts=8,
         num_experts_per_tok=2,
         decoder_sparse_step=1,
         norm_topk_prob=True,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        use_cache=False,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", experts_implementation="fused")
@@ -194,15 +186,7 @@ CASES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    rank, _ = init(args)
-    try:
-        results = run_cases(CASES, args.cases)
-    finally:
-        from parity.rank_setup import shutdown
-
-        shutdown()
-    return finish(TAG, rank, results, args.out)
+    return _common.main(TAG, CASES, __doc__, argv)
 
 
 if __name__ == "__main__":

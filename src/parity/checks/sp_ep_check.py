@@ -10,8 +10,7 @@ Run: ``torchrun --nproc-per-node 2 -m parity.checks.sp_ep_check [--out DIR] [--c
 
 from __future__ import annotations
 
-from parity.checks import moe_ep_check, ulysses_check
-from parity.checks._common import finish, init, parse_args, run_cases
+from parity.checks import _common, moe_ep_check, ulysses_check
 
 TAG = "sp_ep_check"
 CASES = {f"ulysses/{name}": fn for name, fn in ulysses_check.CASES.items()} | {
@@ -20,15 +19,7 @@ CASES = {f"ulysses/{name}": fn for name, fn in ulysses_check.CASES.items()} | {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    rank, _ = init(args)
-    try:
-        results = run_cases(CASES, args.cases)
-    finally:
-        from parity.rank_setup import shutdown
-
-        shutdown()
-    return finish(TAG, rank, results, args.out)
+    return _common.main(TAG, CASES, __doc__, argv)
 
 
 if __name__ == "__main__":

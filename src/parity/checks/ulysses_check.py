@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from parity.attention import parity_attention_forward, set_attention_backend
-from parity.checks._common import SETTINGS, CaseResult, finish, init, parse_args, run_cases
+from parity.checks import _common
+from parity.checks._common import SETTINGS, CaseResult
 from parity.parallel_state import parallel_groups
 from parity.ulysses import (
     cu_seqlens_from_position_ids,
@@ -103,20 +104,9 @@ def _attention_case(
 
 
 def _tiny_qwen3() -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
-        "qwen3",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        use_cache=False,
-    )
+    cfg = _common.tiny_text_config("qwen3")
     torch.manual_seed(0)
     # built with sdpa, then switched: names containing "flash" fail transformers' build validation
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
@@ -178,15 +168,7 @@ CASES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    rank, _ = init(args)
-    try:
-        results = run_cases(CASES, args.cases)
-    finally:
-        from parity.rank_setup import shutdown
-
-        shutdown()
-    return finish(TAG, rank, results, args.out)
+    return _common.main(TAG, CASES, __doc__, argv)
 
 
 if __name__ == "__main__":
