@@ -3,6 +3,7 @@
     nox -l                                  list sessions
     nox -s patch -- qwen3 qwen3_moe         patch suite in every backend variant, then merge
     nox -s "patch(eager)" -- qwen3          one variant
+    nox -s e2e -- qwen3 qwen3_moe           FSDP2 + sp/ep training parity
     nox -s merge -- --results results/      merge any results folder
     nox --no-venv -s patch -- qwen3         GPU images: use the current interpreter, install nothing
 
@@ -18,6 +19,7 @@ import nox
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from sessions import e2e as e2e_suite  # noqa: E402
 from sessions import suites, vlm  # noqa: E402
 from sessions.variants import VARIANTS  # noqa: E402
 
@@ -37,6 +39,18 @@ def patch(session: nox.Session, backend: str) -> None:
     runs in its own env; a variant that cannot run on this machine is skipped with the reason.
     """
     suites.run_patch(session, backend)
+
+
+@nox.session(reuse_venv=True)
+@nox.parametrize("backend", list(VARIANTS), ids=list(VARIANTS))
+def e2e(session: nox.Session, backend: str) -> None:
+    """FSDP2 + Ulysses sp + ep training parity: per-step loss/grad_norm of each layout vs sp1_ep1, then merge.
+
+    Usage: nox -s e2e -- [MODEL ...] [--results DIR] [--timeout S] [--require fa2|fa3]
+    No MODEL means every case in tests/e2e/test_e2e_parallel.py. --timeout is per model (default 900);
+    each training run gets (S - 60) / 4. CPU: 2 gloo ranks, fp32; GPU: one rank per GPU, bf16.
+    """
+    e2e_suite.run_e2e(session, backend)
 
 
 @nox.session(venv_backend="none")
