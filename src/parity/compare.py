@@ -96,3 +96,44 @@ def resolution_mismatch(record: dict[str, Any]) -> str | None:
         elif want != got:
             problems.append(f"{key}: requested {want!r}, ran {got!r}")
     return "; ".join(problems) or None
+
+
+def record_failures(records: list[dict[str, Any]]) -> list[str]:
+    """What the merge would reject in one case's records (reference first), as messages.
+
+    Used by the suites' in-test assertions so a plain pytest run fails exactly where the merge
+    would: a failed or dead reference, modes that raised, backends that did not run, dead runs, and
+    deviations beyond each record's own tolerance (per step for e2e).
+    """
+    from parity.records import Tolerance
+
+    problems: list[str] = []
+    ref = records[0]
+    if ref["status"] != "ok":
+        return [f"reference {ref['mode']['id']} raised:\n{ref.get('error', '')}"]
+    ref_dead = vacuity(ref["metrics"], expected_steps=ref.get("expected_steps"))
+    if ref_dead:
+        problems.append(f"reference {ref['mode']['id']} is a dead run: {ref_dead}")
+    for rec in records:
+        mode_id = rec["mode"]["id"]
+        if rec["status"] == "skipped":
+            continue
+        if rec["status"] != "ok":
+            problems.append(f"{mode_id} raised:\n{rec.get('error', '')}")
+            continue
+        mismatch = resolution_mismatch(rec)
+        if mismatch:
+            problems.append(f"{mode_id}: requested backend did not run: {mismatch}")
+        dead = vacuity(rec["metrics"], expected_steps=rec.get("expected_steps"))
+        if dead:
+            problems.append(f"{mode_id}: dead run: {dead}")
+        if rec is ref or ref_dead or dead:
+            continue
+        tol = Tolerance(rec["tolerance"]["rtol"], rec["tolerance"]["atol"])
+        dev = deviation(rec["metrics"], ref["metrics"], tol)
+        if not dev.ok or not math.isfinite(dev.max_abs):
+            problems.append(
+                f"{mode_id}: {dev.worst} deviates {dev.max_abs:.3g} abs / {dev.max_rel:.3g} rel from "
+                f"{ref['mode']['id']} (rtol={tol.rtol:g}, atol={tol.atol:g})"
+            )
+    return problems

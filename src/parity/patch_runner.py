@@ -11,7 +11,6 @@ breach too.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import time
 import traceback
@@ -25,7 +24,6 @@ import torch
 from parity import toy
 from parity.backend_trace import trace_backends
 from parity.batches import packed_batch
-from parity.compare import deviation, resolution_mismatch, vacuity
 from parity.fingerprint import REPO_ROOT, fingerprint
 from parity.modes import ModelMode, expected_provider, mode_skip_reason
 from parity.records import ResultsWriter, Tolerance
@@ -196,39 +194,3 @@ def run_case(
         writer.add(record)
         records.append(record)
     return records
-
-
-def failures(records: list[dict[str, Any]]) -> list[str]:
-    """The merge's verdicts (each record's own effective tolerance), for the in-test assertion."""
-    problems = []
-    ref = records[0]
-    if ref["status"] != "ok":
-        return [f"reference {ref['mode']['id']} raised:\n{ref.get('error', '')}"]
-    ref_dead = vacuity(ref["metrics"])
-    if ref_dead:
-        problems.append(f"reference {ref['mode']['id']} is a dead run: {ref_dead}")
-    for rec in records:
-        mode_id = rec["mode"]["id"]
-        if rec["status"] == "skipped":
-            continue
-        if rec["status"] != "ok":
-            problems.append(f"{mode_id} raised:\n{rec.get('error', '')}")
-            continue
-        mismatch = resolution_mismatch(rec)
-        if mismatch:
-            problems.append(f"{mode_id}: requested backend did not run: {mismatch}")
-        dead = vacuity(rec["metrics"])
-        if dead:
-            problems.append(f"{mode_id}: dead run: {dead}")
-        if rec is ref or ref_dead or dead:
-            continue
-        tolerance = Tolerance(rec["tolerance"]["rtol"], rec["tolerance"]["atol"])
-        dev = deviation(rec["metrics"], ref["metrics"], tolerance)
-        if not dev.ok:
-            problems.append(
-                f"{mode_id}: {dev.worst} deviates {dev.max_abs:.3g} abs / {dev.max_rel:.3g} rel from "
-                f"{ref['mode']['id']} (rtol={tolerance.rtol:g}, atol={tolerance.atol:g})"
-            )
-        if not (math.isfinite(dev.max_abs)):
-            problems.append(f"{mode_id}: metrics not comparable with the reference")
-    return problems

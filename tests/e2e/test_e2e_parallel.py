@@ -19,7 +19,6 @@ vision/omni models); ``max_sp_size=1`` while the model cannot take the sequence 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from parity import toy  # noqa: E402
-from parity.compare import deviation, resolution_mismatch, vacuity  # noqa: E402
+from parity.compare import record_failures as failures  # noqa: E402
 from parity.fingerprint import REPO_ROOT, fingerprint  # noqa: E402
 from parity.launch import LaunchResult, launch  # noqa: E402
 from parity.modes import EXPECTED_PROVIDER, PARITY_ATTENTION  # noqa: E402
@@ -347,41 +346,6 @@ def fill_record(record: dict[str, Any], run: LayoutRun) -> dict[str, Any]:
         fingerprint=run.meta["fingerprint"],  # where the ranks really ran
     )
     return record
-
-
-def failures(records: list[dict[str, Any]]) -> list[str]:
-    """What the merge would reject: a broken or dead reference, errors, backends that did not run,
-    dead runs, and per-step deviations beyond each record's tolerance."""
-    problems: list[str] = []
-    ref = records[0]
-    if ref["status"] != "ok":
-        return [f"reference {ref['mode']['id']} failed:\n{ref.get('error', '')}"]
-    ref_dead = vacuity(ref["metrics"], expected_steps=ref["expected_steps"])
-    if ref_dead:
-        problems.append(f"reference {ref['mode']['id']} is a dead run: {ref_dead}")
-    for rec in records:
-        mode_id = rec["mode"]["id"]
-        if rec["status"] == "skipped":
-            continue
-        if rec["status"] != "ok":
-            problems.append(f"{mode_id} failed:\n{rec.get('error', '')}")
-            continue
-        mismatch = resolution_mismatch(rec)
-        if mismatch:
-            problems.append(f"{mode_id}: requested backend did not run: {mismatch}")
-        dead = vacuity(rec["metrics"], expected_steps=rec["expected_steps"])
-        if dead:
-            problems.append(f"{mode_id}: dead run: {dead}")
-        if rec is ref or ref_dead or dead:
-            continue
-        tol = Tolerance(rec["tolerance"]["rtol"], rec["tolerance"]["atol"])
-        dev = deviation(rec["metrics"], ref["metrics"], tol)
-        if not dev.ok or not math.isfinite(dev.max_abs):
-            problems.append(
-                f"{mode_id}: {dev.worst} deviates {dev.max_abs:.3g} abs / {dev.max_rel:.3g} rel from "
-                f"{ref['mode']['id']} (rtol={tol.rtol:g}, atol={tol.atol:g})"
-            )
-    return problems
 
 
 def print_table(case_id: str, records: list[dict[str, Any]]) -> None:

@@ -20,8 +20,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from parity.compare import record_failures as failures  # noqa: E402
 from parity.modes import hf_modes, parity_modes  # noqa: E402
-from parity.patch_runner import RunSettings, failures, run_case  # noqa: E402
+from parity.patch_runner import RunSettings, run_case  # noqa: E402
 from parity.records import Tolerance  # noqa: E402
 
 _DEFAULT_RTOL = 1e-2
