@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from parity import attention, moe
+from parity.checks._common import tiny_text_config
 
 ATOL, RTOL = 1e-6, 1e-6  # bound = ATOL + RTOL * max|reference|
 
@@ -170,21 +171,14 @@ def test_backward_is_deterministic() -> None:
 
 
 def test_whole_qwen3_moe_model_matches_eager() -> None:
-    cfg = AutoConfig.for_model(
+    cfg = tiny_text_config(
         "qwen3_moe",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
         moe_intermediate_size=32,
         num_experts=8,
         num_experts_per_tok=2,
         decoder_sparse_step=1,
         norm_topk_prob=True,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=64,
-        max_position_embeddings=256,
     )
     lens = (11, 17, 12)
     ids = torch.randint(0, 128, (1, sum(lens)), generator=torch.Generator().manual_seed(1))
