@@ -12,26 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 nox = pytest.importorskip("nox")
 
+from parity.toy import known_models  # noqa: E402
 from sessions import envs  # noqa: E402
 from sessions.suites import PATCH_TEST, known_cases  # noqa: E402
 from sessions.variants import VARIANTS  # noqa: E402
 
-ALL_MODELS = {
-    "llama",
-    "qwen2",
-    "qwen3",
-    "qwen3_moe",
-    "seed_oss",
-    "deepseek_v3",
-    "qwen3_5",
-    "qwen3_5_moe",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "qwen3_vl_moe",
-    "qwen2_5_omni",
-    "qwen3_omni_moe",
-}
+# The 14 ids themselves are pinned in test_toy.py; here: the suite's cases are exactly the toy configs.
+ALL_MODELS = set(known_models())
 
 
 def test_case_ids_are_read_from_the_suite_and_each_has_a_toy_config():
