@@ -16,19 +16,14 @@ from sessions import envs
 from sessions.hardware import hardware_skip_reason
 from sessions.variants import ROOT, VARIANTS, Variant
 
-SRC = ROOT / "src"
-sys.path.insert(0, str(SRC))  # parity's torch-free modules (records, merge) are importable here
+SRC = ROOT / "src"  # on sys.path already (sessions/__init__.py)
 
-from parity.records import RunManifest, results_path, run_manifest_path, write_json_atomic  # noqa: E402
+from parity.results import registry  # noqa: E402
+from parity.results.records import RunManifest, results_path, run_manifest_path, write_json_atomic  # noqa: E402
 
 PATCH_TEST = ROOT / "tests" / "models" / "test_models_patch.py"
 DEFAULT_RESULTS = ROOT / "results"
 DEFAULT_TEST_TIMEOUT_S = 900
-
-
-def known_cases(test_file: Path) -> list[str]:
-    """The case ids of a suite, read from its pytest.param(..., id="...") list without importing it."""
-    return re.findall(r"""\bid\s*=\s*["']([A-Za-z0-9_.\-]+)["']""", test_file.read_text())
 
 
 def parse_suite_args(session: nox.Session, cases: list[str], usage: str) -> argparse.Namespace:
@@ -71,7 +66,8 @@ def _env(results: Path, variant: str) -> dict[str, str]:
     return {
         "PARITY_VARIANT": variant,
         "PARITY_RESULTS": str(results),
-        "PYTHONPATH": os.pathsep.join([str(SRC), str(ROOT)]),
+        # extended, not replaced: packages a user put on PYTHONPATH stay visible to the suites
+        "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), str(ROOT), os.environ.get("PYTHONPATH")) if p),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
         "PYTHONUNBUFFERED": "1",
@@ -79,7 +75,12 @@ def _env(results: Path, variant: str) -> dict[str, str]:
 
 
 def probe_variant(session: nox.Session, variant: Variant, env: dict[str, str]) -> tuple[bool, dict]:
-    cmd = [envs.python(session), "-m", "parity.probe", *[a for m in variant.modules for a in ("--module", m)]]
+    cmd = [
+        envs.python(session),
+        "-m",
+        "parity.harness.probe",
+        *[a for m in variant.modules for a in ("--module", m)],
+    ]
     if variant.needs_cuda:
         cmd.append("--needs-cuda")
     if variant.min_capability:
@@ -96,7 +97,6 @@ def run_suite(
     session: nox.Session,
     suite: str,
     variant_name: str,
-    test_file: Path,
     node_ids: Callable[[list[str]], list[str]],
 ) -> None:
     """The body every suite session shares.
@@ -106,7 +106,10 @@ def run_suite(
     pytest on ``node_ids(models)`` with a per-test timeout, and record pytest's exit code.
     """
     variant = VARIANTS[variant_name]
-    cases = known_cases(test_file)
+    try:
+        cases = registry.ids(suite)
+    except (registry.RegistryError, registry.ToyConfigError) as exc:
+        session.error(f"case registry: {exc}")
     args = parse_suite_args(session, cases, f"nox -s '{session.name}' --")
     merge_args = ["--results", str(args.results), "--suite", suite, "--models", *args.models]
     for required in args.require:
@@ -157,7 +160,6 @@ def run_patch(session: nox.Session, variant_name: str) -> None:
         session,
         "patch",
         variant_name,
-        PATCH_TEST,
         lambda models: [node_id(PATCH_TEST, "test_models_patch_fwd_bwd", m) for m in models],
     )
 
@@ -177,8 +179,8 @@ def _run_pytest(session: nox.Session, args: list[str], env: dict[str, str]) -> i
 
 
 def run_merge(session: nox.Session) -> None:
-    env = {"PYTHONPATH": str(SRC)}
-    session.run(sys.executable, "-m", "parity.merge", *session.posargs, env=env, external=True)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)}
+    session.run(sys.executable, "-m", "parity.results.merge", *session.posargs, env=env, external=True)
 
 
 def run_tests(session: nox.Session) -> None:
@@ -209,7 +211,7 @@ def run_bench(session: nox.Session) -> None:
         session.run(
             envs.python(session),
             "-m",
-            "parity.bench",
+            "parity.harness.bench",
             *args,
             env=_env(DEFAULT_RESULTS, "eager"),
             external=True,

@@ -3,7 +3,7 @@
 Both run in the ``eager`` variant's env (torch + transformers, no kernels): freeze_vit is a CPU
 check, and dummy_forward is a 2-rank FSDP2 job (NCCL when the machine has two GPUs, gloo on CPU
 otherwise), so neither needs a flash-attn variant. Same flow as ``sessions.suites.run_patch``:
-validate the model ids against the suite's ``pytest.param(..., id=...)`` list, clear old records,
+validate the model ids against the case registry, clear old records,
 prepare and probe the env, run pytest on the selected node ids with a timeout, write the run
 manifest, and let the merge (notified with ``--suite``) print the table.
 
@@ -12,11 +12,9 @@ Torch-free: runs in nox's own interpreter.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import nox
 
+from parity.results import registry
 from sessions.suites import node_id, run_suite
 from sessions.variants import ROOT
 
@@ -26,10 +24,9 @@ DUMMY_FORWARD_TEST = ROOT / "tests" / "distributed" / "test_dummy_forward.py"
 VARIANT = "eager"
 
 
-def gradient_checkpointing_cases(test_file: Path) -> list[str]:
-    """Ids in the suite's ``_GRADIENT_CHECKPOINTING_IDS`` list, read without importing the file."""
-    match = re.search(r"_GRADIENT_CHECKPOINTING_IDS\s*=\s*\[([^\]]*)\]", test_file.read_text())
-    return re.findall(r"""["']([A-Za-z0-9_.\-]+)["']""", match.group(1)) if match else []
+def gradient_checkpointing_cases() -> list[str]:
+    """Models whose registry entry asks for the activation-checkpointing dummy_forward job too."""
+    return [case.id for case in registry.cases_for("dummy_forward") if case.gradient_checkpointing]
 
 
 def run_vlm_trainer(session: nox.Session) -> None:
@@ -39,7 +36,7 @@ def run_vlm_trainer(session: nox.Session) -> None:
         ids = [node_id(VLM_TRAINER_TEST, "test_freeze_vit", m) for m in models]
         return ids + [node_id(VLM_TRAINER_TEST, "test_text_only_model_has_no_vision_tower")]
 
-    run_suite(session, "vlm_trainer", VARIANT, VLM_TRAINER_TEST, node_ids)
+    run_suite(session, "vlm_trainer", VARIANT, node_ids)
 
 
 def run_dummy_forward(session: nox.Session) -> None:
@@ -49,7 +46,7 @@ def run_dummy_forward(session: nox.Session) -> None:
     and the gradient-checkpointing job for the models listed for it. The negative control (hooks
     off, the job must fail) always runs: without it a pass could mean the check cannot fail.
     """
-    with_gc = set(gradient_checkpointing_cases(DUMMY_FORWARD_TEST))
+    with_gc = set(gradient_checkpointing_cases())
 
     def node_ids(models: list[str]) -> list[str]:
         ids = []
@@ -60,4 +57,4 @@ def run_dummy_forward(session: nox.Session) -> None:
                 ids.append(node_id(DUMMY_FORWARD_TEST, "test_dummy_forward_gradient_checkpointing", m))
         return ids + [node_id(DUMMY_FORWARD_TEST, "test_negative_control_without_dummy_forward_fails")]
 
-    run_suite(session, "dummy_forward", VARIANT, DUMMY_FORWARD_TEST, node_ids)
+    run_suite(session, "dummy_forward", VARIANT, node_ids)

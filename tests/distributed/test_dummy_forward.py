@@ -1,9 +1,9 @@
 """Rank-asymmetric multimodal batches under FSDP2 finish, with the numbers of an unsharded run.
 
-2-rank ``torchrun`` jobs (gloo on CPU, NCCL on GPUs) through ``parity.launch`` (watchdog, per-rank
+2-rank ``torchrun`` jobs (gloo on CPU, NCCL on GPUs) through ``parity.harness.launch`` (watchdog, per-rank
 stacks on a hang, no leftover process). Rank 0 gets images + video (+ audio for Omni), rank 1
-text only; the worker (``parity.checks.dummy_forward_check``) installs
-``parity.dummy_forward.enable_dummy_forward``, shards with FSDP2 and trains two SGD steps. Both
+text only; the worker (``parity.harness.checks.dummy_forward_check``) installs
+``parity.training.dummy_forward.enable_dummy_forward``, shards with FSDP2 and trains two SGD steps. Both
 ranks must finish with finite loss and gradients and match an unsharded, hook-free reference.
 
 The batch function of a case is how rank 0's multimodal batch is built. It runs in the worker
@@ -27,8 +27,8 @@ per-case rank deadline CASE_TIMEOUT_S, launcher watchdog (stacks of every rank, 
 whole tree), pytest-timeout (thread method) as the backstop. PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S
 scales the per-case numbers on slow machines.
 
-Adding a model: append to ``_vlm_cases`` or ``_omni_cases`` (the id is the model id of
-``nox -s dummy_forward -- <id>``), then ``pytest tests/distributed/test_dummy_forward.py -k <id>``.
+The cases are the VLM and Omni models of the case registry (``toy_config/registry.toml``), with the
+patch size read from their configs; run one with ``nox -s dummy_forward -- <id>``.
 
 The in-process tests at the end (no torchrun) check the hook itself on every case: on a text-only
 batch, exactly the parameters a real multimodal batch reaches get a gradient, and loss and
@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -49,16 +50,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from parity.checks.dummy_forward_check import enable_activation_checkpointing  # noqa: E402
-from parity.checks.dummy_forward_check import omni_batch as _omni_batch  # noqa: E402
-from parity.checks.dummy_forward_check import text_batch as _text_batch  # noqa: E402
-from parity.checks.dummy_forward_check import vlm_batch as _vlm_batch  # noqa: E402
-from parity.launch import ENV_PG_TIMEOUT, LaunchResult, launch  # noqa: E402
-from parity.records import ResultsWriter  # noqa: E402
+from parity import settings  # noqa: E402
+from parity.harness.checks.dummy_forward_check import enable_activation_checkpointing  # noqa: E402
+from parity.harness.checks.dummy_forward_check import omni_batch as _omni_batch  # noqa: E402
+from parity.harness.checks.dummy_forward_check import text_batch as _text_batch  # noqa: E402
+from parity.harness.checks.dummy_forward_check import vlm_batch as _vlm_batch  # noqa: E402
+from parity.harness.launch import ENV_PG_TIMEOUT, LaunchResult, launch  # noqa: E402
+from parity.results import registry  # noqa: E402
+from parity.results.records import ResultsWriter, make_record  # noqa: E402
 
 NPROC = 2
 STEPS = 2
-CASE_TIMEOUT_S = float(os.environ.get("PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S", "75"))
+CASE_TIMEOUT_S = settings.get("PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S") or 75.0
 PG_TIMEOUT_S = min(40.0, 0.5 * CASE_TIMEOUT_S)  # the collective layer fires first, with a real error
 STARTUP_S = 60.0  # torchrun + imports of both ranks, before the first case starts
 
@@ -72,40 +75,24 @@ SUITE = "dummy_forward"
 EXPECTED_MODES = ["reference", "fsdp2_asym"]
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
-MODULE = "parity.checks.dummy_forward_check"
+MODULE = "parity.harness.checks.dummy_forward_check"
 
-_vlm_cases = [
-    pytest.param("qwen2_vl", "./toy_config/qwen2_vl_toy", partial(_vlm_batch, patch_size=14), id="qwen2_vl"),
-    pytest.param(
-        "qwen2_5_vl", "./toy_config/qwen2_5_vl_toy", partial(_vlm_batch, patch_size=14), id="qwen2_5_vl"
-    ),
-    pytest.param("qwen3_vl", "./toy_config/qwen3_vl_toy", partial(_vlm_batch, patch_size=16), id="qwen3_vl"),
-    pytest.param(
-        "qwen3_vl_moe", "./toy_config/qwen3_vl_moe_toy", partial(_vlm_batch, patch_size=16), id="qwen3_vl_moe"
-    ),
-    pytest.param("qwen3_5", "./toy_config/qwen3_5_toy", partial(_vlm_batch, patch_size=16), id="qwen3_5"),
-    pytest.param(
-        "qwen3_5_moe", "./toy_config/qwen3_5_moe_toy", partial(_vlm_batch, patch_size=16), id="qwen3_5_moe"
-    ),
-]
+def _cases(family: str, batch: Callable) -> list:
+    """The registry's VLM (or Omni) models, in the seed's shape: id, toy dir, batch builder."""
+    return [
+        pytest.param(
+            c.id, c.config_arg.removesuffix("/config.json"), partial(batch, patch_size=c.patch_size), id=c.id
+        )
+        for c in registry.cases_for("dummy_forward")
+        if c.family == family
+    ]
 
-_omni_cases = [
-    pytest.param(
-        "qwen2_5_omni",
-        "./toy_config/qwen2_5_omni_toy",
-        partial(_omni_batch, patch_size=14),
-        id="qwen2_5_omni",
-    ),
-    pytest.param(
-        "qwen3_omni_moe",
-        "./toy_config/qwen3_omni_moe_toy",
-        partial(_omni_batch, patch_size=16),
-        id="qwen3_omni_moe",
-    ),
-]
 
-# Also with gradient checkpointing on: one ViT with DeepStack, one thinker with an audio tower.
-_GRADIENT_CHECKPOINTING_IDS = ["qwen3_vl", "qwen2_5_omni"]
+_vlm_cases = _cases("vlm", _vlm_batch)
+_omni_cases = _cases("omni", _omni_batch)
+
+# Also with gradient checkpointing on (registry: gradient_checkpointing = true).
+_GRADIENT_CHECKPOINTING_IDS = [c.id for c in registry.cases_for("dummy_forward") if c.gradient_checkpointing]
 _NEGATIVE_CONTROL_ID = "qwen2_5_vl"
 _ALL_CASES = _vlm_cases + _omni_cases
 # pytest-timeout counts fixture time: the first test pays for the whole shared job.
@@ -196,34 +183,34 @@ def job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(os.environ.get("PARITY_RESULTS") or tmp_path_factory.mktemp("results"))
+    return settings.get("PARITY_RESULTS") or tmp_path_factory.mktemp("results")
 
 
 def _write_records(model: str, summary: dict | None, reason: str, results_dir: Path) -> None:
-    """One results file per model for ``python -m parity.merge --suite dummy_forward``."""
-    variant = os.environ.get("PARITY_VARIANT", "eager")
+    """One results file per model for ``python -m parity.results.merge --suite dummy_forward``."""
+    variant = settings.get("PARITY_VARIANT")
     writer = ResultsWriter(results_dir, SUITE, variant, model, EXPECTED_MODES)
     if summary is not None and summary.get("records"):
         for record in summary["records"]:
             writer.add(record)
         return
     # The job hung or crashed before rank 0 wrote this case: record why, so the merge says ERROR.
-    from parity.fingerprint import fingerprint
-    from parity.toy import config_hash
+    from parity.harness.fingerprint import fingerprint
+    from parity.harness.toy import config_hash
 
     fp = fingerprint(device="cpu", dtype=torch.float32, seed=0, config_hash=config_hash(model))
     for mode in EXPECTED_MODES:
         writer.add(
-            {
-                "mode": {"id": mode},
-                "status": "error",
-                "requested": {},
-                "resolved": {},
-                "metrics": {},
-                "tolerance": {"rtol": 1e-4, "atol": 1e-5},
-                "fingerprint": fp,
-                "error": reason,
-            }
+            make_record(
+                suite=SUITE,
+                model=model,
+                variant=variant,
+                mode={"id": mode},
+                status="error",
+                tolerance={"rtol": 1e-4, "atol": 1e-5},
+                fingerprint=fp,
+                error=reason,
+            )
         )
 
 
@@ -324,8 +311,8 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
 def test_dummy_pass_reaches_what_a_real_batch_reaches(model_name: str, config_path: str, batch_fn: partial):
     """Text-only batch with hooks: the parameters a real multimodal batch reaches get a gradient
     (the SPMD condition for FSDP2's reduce-scatters); loss and gradients equal the unhooked model's."""
-    from parity import toy
-    from parity.dummy_forward import enable_dummy_forward
+    from parity.harness import toy
+    from parity.training.dummy_forward import enable_dummy_forward
 
     config = toy.load_config(ROOT / config_path)
     real_batch = batch_fn(config, rank=0)
@@ -367,19 +354,17 @@ def test_dummy_pass_reaches_what_a_real_batch_reaches(model_name: str, config_pa
 
 
 def test_hooks_can_be_disabled_and_removed(monkeypatch: pytest.MonkeyPatch):
-    from parity import toy
-    from parity.dummy_forward import ENV_DISABLE, dummy_forward, enable_dummy_forward
+    from parity.harness import toy
+    from parity.training.dummy_forward import dummy_forward, enable_dummy_forward
 
     config = toy.load_config(ROOT / "toy_config/qwen2_vl_toy")
     model = toy.build_model(config, attn_implementation="eager")
-    monkeypatch.setenv(ENV_DISABLE, "1")
-    off = enable_dummy_forward(model)
+    off = enable_dummy_forward(model, enabled=False)
     assert not off.enabled
     with torch.no_grad():
         model(**_text_batch(config, rank=1))
     assert dict(off.calls) == {}
 
-    monkeypatch.delenv(ENV_DISABLE)
     zero = dummy_forward(model, "video")  # the one-shot building block: an exact zero on the graph
     assert zero.item() == 0.0 and zero.requires_grad
     hooks = enable_dummy_forward(model)
@@ -391,8 +376,8 @@ def test_hooks_can_be_disabled_and_removed(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_text_only_model_is_rejected():
-    from parity import toy
-    from parity.dummy_forward import enable_dummy_forward
+    from parity.harness import toy
+    from parity.training.dummy_forward import enable_dummy_forward
 
     model = toy.build_model(toy.load_config(ROOT / "toy_config/qwen3_toy"), attn_implementation="eager")
     with pytest.raises(ValueError, match="Qwen3ForCausalLM has no vision tower"):
@@ -402,9 +387,10 @@ def test_text_only_model_is_rejected():
 def test_dummy_pass_is_local_and_not_checkpointed():
     """Inside a dummy pass: no sp group (no Ulysses exchange, no split) and no checkpointing (a
     recomputation would run outside the pass, with sp back on); both are restored afterwards."""
-    from parity import parallel_state, toy
-    from parity.dummy_forward import enable_dummy_forward
-    from parity.vlm_trainer import find_tower
+    from parity.backend import parallel_state
+    from parity.harness import toy
+    from parity.training.dummy_forward import enable_dummy_forward
+    from parity.training.vlm_trainer import find_tower
 
     config = toy.load_config(ROOT / "toy_config/qwen3_vl_toy")
     model = toy.build_model(config, attn_implementation="eager")

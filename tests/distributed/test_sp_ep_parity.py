@@ -1,8 +1,8 @@
 """Ulysses sp=2 vs sp=1 and fused-MoE ep=2 vs ep=1, two gloo processes on CPU (NCCL on GPU).
 
-The worker (``parity.checks.sp_ep_check``: the cases of ``ulysses_check`` and ``moe_ep_check``)
+The worker (``parity.harness.checks.sp_ep_check``: the cases of ``ulysses_check`` and ``moe_ep_check``)
 does the comparisons and writes one JSON per rank; these tests launch it through
-``parity.launch`` (watchdog, no leftover processes) and print the observed deviations. The same
+``parity.harness.launch`` (watchdog, no leftover processes) and print the observed deviations. The same
 worker runs once more with faults injected (``PARITY_FAULT=ulysses_swap,ep_drop``) to show the
 comparisons fail when an exchange is wrong. Both faults go into one launch to save start-up time:
 sp cases never call the experts and ep cases never activate an sp group, so every failing case
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from parity.launch import LaunchResult, launch
+from parity.harness.launch import LaunchResult, launch
 
 NPROC = 2
 TIMEOUT_S = 150
 SRC = Path(__file__).resolve().parents[2] / "src"
-MODULE = "parity.checks.sp_ep_check"
+MODULE = "parity.harness.checks.sp_ep_check"
 TAG = "sp_ep_check"
 FAULT_CASES = (
     "ulysses/gqa_causal_positions,ulysses/qwen3_model,moe_ep/qwen3_moe_sharded_params,moe_ep/qwen3_moe_model"

@@ -15,15 +15,14 @@ Per model, for ``freeze_vit`` False then True on the same weights:
 Freezing the tower must not change anything else: the loss and the gradient norm of the
 non-vision parameters must be identical in both settings. Those two numbers are the metrics of the
 ``vlm_trainer`` records (modes ``freeze_vit_false`` = reference, ``freeze_vit_true``), so
-``python -m parity.merge --suite vlm_trainer`` compares them; the counts ride along as extra metrics.
+``python -m parity.results.merge --suite vlm_trainer`` compares them; the counts ride along as extra metrics.
 
-Adding a model: append ``pytest.param("./toy_config/<id>_toy/config.json", id="<id>")`` below.
+The cases are every VLM / Omni model of the case registry (``toy_config/registry.toml``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from parity import toy  # noqa: E402
-from parity.batches import packed_batch  # noqa: E402
-from parity.fingerprint import fingerprint  # noqa: E402
-from parity.records import ResultsWriter  # noqa: E402
-from parity.vlm_trainer import VLMTrainer, VLMTrainingArguments, find_tower, locate_tower  # noqa: E402
+from parity import settings  # noqa: E402
+from parity.harness import toy  # noqa: E402
+from parity.harness.batches import packed_batch  # noqa: E402
+from parity.harness.fingerprint import fingerprint  # noqa: E402
+from parity.results import registry  # noqa: E402
+from parity.results.records import ResultsWriter, make_record  # noqa: E402
+from parity.training.vlm_trainer import VLMTrainer, VLMTrainingArguments, find_tower, locate_tower  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "vlm_trainer"
@@ -47,20 +48,13 @@ _RTOL = 1e-5
 _ATOL = 1e-6
 
 _FREEZE_VIT_VLM_CASES = [
-    pytest.param("./toy_config/qwen2_vl_toy/config.json", id="qwen2_vl"),
-    pytest.param("./toy_config/qwen2_5_vl_toy/config.json", id="qwen2_5_vl"),
-    pytest.param("./toy_config/qwen3_vl_toy/config.json", id="qwen3_vl"),
-    pytest.param("./toy_config/qwen3_vl_moe_toy/config.json", id="qwen3_vl_moe"),
-    pytest.param("./toy_config/qwen3_5_toy/config.json", id="qwen3_5"),
-    pytest.param("./toy_config/qwen3_5_moe_toy/config.json", id="qwen3_5_moe"),
-    pytest.param("./toy_config/qwen2_5_omni_toy/config.json", id="qwen2_5_omni"),
-    pytest.param("./toy_config/qwen3_omni_moe_toy/config.json", id="qwen3_omni_moe"),
+    pytest.param(case.config_arg, id=case.id) for case in registry.cases_for("vlm_trainer")
 ]
 
 
 @pytest.fixture
 def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(os.environ.get("PARITY_RESULTS") or tmp_path_factory.mktemp("results"))
+    return settings.get("PARITY_RESULTS") or tmp_path_factory.mktemp("results")
 
 
 def _norm(grads: list[torch.Tensor]) -> float:
@@ -69,19 +63,18 @@ def _norm(grads: list[torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads])))
 
 
-def _record(mode: str, metrics: dict, fp: dict, error: str | None = None) -> dict:
-    record = {
-        "mode": {"id": mode, "freeze_vit": mode == "freeze_vit_true"},
-        "status": "ok" if error is None else "error",
-        "requested": {},
-        "resolved": {},
-        "metrics": metrics,
-        "tolerance": {"rtol": _RTOL, "atol": _ATOL},
-        "fingerprint": fp,
-    }
-    if error is not None:
-        record["error"] = error
-    return record
+def _record(case_id: str, mode: str, metrics: dict, fp: dict, error: str | None = None) -> dict:
+    return make_record(
+        suite=SUITE,
+        model=case_id,
+        variant=settings.get("PARITY_VARIANT"),
+        mode={"id": mode, "freeze_vit": mode == "freeze_vit_true"},
+        status="ok" if error is None else "error",
+        metrics=metrics,
+        tolerance={"rtol": _RTOL, "atol": _ATOL},
+        fingerprint=fp,
+        error=error,
+    )
 
 
 @pytest.mark.parametrize("config_path", _FREEZE_VIT_VLM_CASES)
@@ -101,7 +94,7 @@ def test_freeze_vit(request: pytest.FixtureRequest, results_dir: Path, config_pa
     fp = fingerprint(
         device="cpu", dtype=torch.float32, seed=SEED, config_hash=toy.config_hash(ROOT / config_path)
     )
-    writer = ResultsWriter(results_dir, SUITE, os.environ.get("PARITY_VARIANT", "eager"), case_id, MODES)
+    writer = ResultsWriter(results_dir, SUITE, settings.get("PARITY_VARIANT"), case_id, MODES)
 
     observed = {}
     for freeze_vit, mode in zip((False, True), MODES, strict=True):
@@ -139,7 +132,7 @@ def test_freeze_vit(request: pytest.FixtureRequest, results_dir: Path, config_pa
             "frozen_params": report.frozen_params,
         }
         assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
-        writer.add(_record(mode, metrics, fp))
+        writer.add(_record(case_id, mode, metrics, fp))
         observed[mode] = metrics
         print(f"{case_id} {mode}: {metrics}")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from parity.records import SCHEMA, RunManifest, run_manifest_path, write_json_atomic
+from parity.results.records import SCHEMA, RunManifest, run_manifest_path, write_json_atomic
 
 FINGERPRINT = {
     "python": "3.11.7",

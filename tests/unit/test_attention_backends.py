@@ -16,9 +16,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import eager_attention_forward
 
-from parity import attention
-from parity.attention import BACKENDS, PARITY_FA2, PARITY_FA3, PARITY_SDPA, parity_attention_forward
-from parity.ulysses import cu_seqlens_from_position_ids
+from parity.backend import attention
+from parity.backend.attention import BACKENDS, PARITY_FA2, PARITY_FA3, PARITY_SDPA, parity_attention_forward
+from parity.backend.ulysses import cu_seqlens_from_position_ids
 
 ATOL = 2e-6
 LENS = (7, 12, 5, 8)

@@ -1,4 +1,4 @@
-"""parity.batches: packed layout, per-sample mRoPE, and packing isolation on the real toy models."""
+"""parity.harness.batches: packed layout, per-sample mRoPE, and packing isolation on the real toy models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from parity import batches, toy
+from parity.harness import batches, toy
 
 VLM_IDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
 OMNI_IDS = ["qwen2_5_omni", "qwen3_omni_moe"]

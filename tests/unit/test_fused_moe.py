@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from parity import attention, moe
-from parity.checks._common import tiny_text_config
+from parity.backend import attention, moe
+from parity.harness.checks._common import tiny_text_config
 
 ATOL, RTOL = 1e-6, 1e-6  # bound = ATOL + RTOL * max|reference|
 
@@ -207,7 +207,7 @@ def test_whole_qwen3_moe_model_matches_eager() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal path")
 def test_bench_refuses_to_run_without_cuda(tmp_path, capsys) -> None:
-    from parity import bench
+    from parity.harness import bench
 
     out = tmp_path / "bench.json"
     assert bench.main(["--out", str(out)]) == bench.EXIT_NO_CUDA

@@ -1,4 +1,4 @@
-"""parity.launch: a hang fails fast, says where each rank was, and leaves no process behind.
+"""parity.harness.launch: a hang fails fast, says where each rank was, and leaves no process behind.
 
 Every guard is paired with a run where it must not fire (the ok worker, the PG-timeout run that
 must not reach the watchdog, the escaped-session negative control), so a launcher that always
@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from parity import launch as launch_mod
-from parity.launch import EXIT_CRASH, EXIT_OK, EXIT_TIMEOUT, LaunchResult, free_port, launch
+from parity.harness import launch as launch_mod
+from parity.harness.launch import EXIT_CRASH, EXIT_OK, EXIT_TIMEOUT, LaunchResult, free_port, launch
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = Path(__file__).resolve().parent / "workers"

@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import make_record
 
-from parity.merge import EXIT_BREACH, EXIT_INVALID, EXIT_OK, main, merge
+from parity.results.merge import EXIT_BREACH, EXIT_INVALID, EXIT_OK, main, merge
 
 
 def problems(report) -> str:
@@ -97,7 +97,7 @@ def test_dead_runs_are_refused_even_when_they_agree(folder, metrics, why):
 
 
 def test_flat_loss_over_steps_is_dead():
-    from parity.compare import vacuity
+    from parity.results.compare import vacuity
 
     assert "does not move" in vacuity({"loss": [2.0, 2.0, 2.0], "grad_norm": [1, 1, 1]})
     assert vacuity({"loss": [2.0, 1.9], "grad_norm": [1, 1]}) is None
@@ -147,8 +147,8 @@ def test_skipped_variant_passes_unless_required(folder):
         ("{not json", "not valid JSON (line 1"),
         ("[1, 2]", "expected a JSON object"),
         ('{"hello": "world"}', "not a parity record"),
-        ('{"schema": "parity.records/99", "kind": "results"}', "is not supported"),
-        ('{"schema": "parity.records/1", "kind": "weird"}', "unknown record kind"),
+        ('{"schema": "parity.results.records/99", "kind": "results"}', "is not supported"),
+        ('{"schema": "parity.results.records/1", "kind": "weird"}', "unknown record kind"),
     ],
 )
 def test_corrupt_or_foreign_json_is_invalid_and_named(folder, content, why):

@@ -6,11 +6,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from parity import toy  # noqa: E402
-from parity.compare import record_failures as failures  # noqa: E402
-from parity.modes import ModelMode, hf_modes  # noqa: E402
-from parity.patch_runner import RunSettings, run_case  # noqa: E402
-from parity.records import Tolerance, load_results_file, results_path  # noqa: E402
+from parity.harness import toy  # noqa: E402
+from parity.harness.patch_runner import RunSettings, run_case  # noqa: E402
+from parity.results.compare import record_failures as failures  # noqa: E402
+from parity.results.modes import ModelMode, hf_modes  # noqa: E402
+from parity.results.records import Tolerance, load_results_file, results_path  # noqa: E402
 
 TOL = Tolerance(1e-2, 1e-2)
 QWEN3 = "./toy_config/qwen3_toy/config.json"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from parity.records import RecordError, ResultsWriter, Tolerance, load_results_file
+from parity.results.records import RecordError, ResultsWriter, Tolerance, load_results_file
 
 
 @pytest.mark.parametrize(

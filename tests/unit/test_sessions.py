@@ -12,21 +12,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 nox = pytest.importorskip("nox")
 
-from parity.toy import known_models  # noqa: E402
-from sessions import envs  # noqa: E402
-from sessions.suites import PATCH_TEST, known_cases  # noqa: E402
+from parity.results import registry  # noqa: E402
+from sessions import e2e, envs, vlm  # noqa: E402
 from sessions.variants import VARIANTS  # noqa: E402
 
-# The 14 ids themselves are pinned in test_toy.py; here: the suite's cases are exactly the toy configs.
-ALL_MODELS = set(known_models())
+# The shipped ids are pinned in test_toy.py; here: the sessions take theirs from the registry.
 
 
-def test_case_ids_are_read_from_the_suite_and_each_has_a_toy_config():
-    cases = known_cases(PATCH_TEST)
-    assert set(cases) == ALL_MODELS and len(cases) == len(set(cases))
-    for case in cases:
+def test_sessions_take_their_cases_from_the_registry():
+    ids = registry.ids("patch")
+    assert ids == registry.ids() and len(ids) == len(set(ids))
+    for case in ids:
         assert (ROOT / "toy_config" / f"{case}_toy" / "config.json").is_file(), case
         assert (ROOT / "toy_config" / f"{case}_toy" / "README.md").is_file(), case
+    functions = e2e.case_functions()
+    assert set(functions) == set(registry.ids("e2e"))
+    assert functions["qwen3"] == "test_text_parallel_align"
+    assert functions["qwen2_vl"] == "test_vlm_parallel_align"
+    assert set(vlm.gradient_checkpointing_cases()) == {"qwen3_vl", "qwen2_5_omni"}
 
 
 def test_install_spec_changes_when_an_included_requirement_changes(tmp_path, monkeypatch):

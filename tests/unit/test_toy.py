@@ -1,4 +1,4 @@
-"""Toy configs and parity.toy: lookup errors, config shape rules, build determinism, backend wiring."""
+"""Toy configs and parity.harness.toy: lookups, config shape rules, build determinism, backend wiring."""
 
 from __future__ import annotations
 
@@ -10,26 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from parity import toy
+from parity.harness import toy
+from parity.results import registry
 
-EXPECTED_IDS = sorted(
-    [
-        "llama",
-        "qwen2",
-        "qwen3",
-        "qwen3_moe",
-        "seed_oss",
-        "deepseek_v3",
-        "qwen3_5",
-        "qwen3_5_moe",
-        "qwen2_vl",
-        "qwen2_5_vl",
-        "qwen3_vl",
-        "qwen3_vl_moe",
-        "qwen2_5_omni",
-        "qwen3_omni_moe",
-    ]
-)
+#: The models this repo ships: pinned here once, so deleting one is noticed. Every rule below runs on
+#: every registry case (EXPECTED_IDS), so a new toy folder is checked without editing this file.
+SHIPPED = {
+    "llama", "qwen2", "qwen3", "qwen3_moe", "seed_oss", "deepseek_v3", "qwen3_5", "qwen3_5_moe",
+    "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "qwen3_omni_moe",
+}  # fmt: skip
+EXPECTED_IDS = sorted(registry.ids())
 MIN_PARAMS, MAX_PARAMS = 200_000, 5_000_000
 SPECIAL_IDS = ("image", "video", "vision_start", "vision_end", "audio", "audio_start", "audio_end")
 
@@ -37,7 +27,6 @@ SPECIAL_IDS = ("image", "video", "vision_start", "vision_end", "audio", "audio_s
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("PARITY_TOY_CONFIG_ROOT", raising=False)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -49,8 +38,10 @@ def _write(path: Path, text: str) -> Path:
 # ----------------------------------------------------------------------------- lookup
 
 
-def test_known_models_lists_the_fourteen() -> None:
+def test_registry_and_toy_folders_agree() -> None:
+    assert registry.problems() == []
     assert toy.known_models() == EXPECTED_IDS
+    assert SHIPPED <= set(EXPECTED_IDS)
 
 
 def test_known_models_follows_env_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,7 +64,7 @@ def test_unknown_id_lists_known_ids() -> None:
 
 def test_config_path_accepts_id_dir_and_file() -> None:
     by_id = toy.config_path("qwen3")
-    assert by_id == toy.TOY_CONFIG_ROOT / "qwen3_toy" / "config.json"
+    assert by_id == registry.toy_root() / "qwen3_toy" / "config.json"
     assert toy.config_path(by_id.parent) == by_id
     assert toy.config_path(str(by_id)) == by_id
     assert toy.config_path("qwen3_toy") == by_id
@@ -131,11 +122,11 @@ def test_config_hash_is_canonical(tmp_path: Path) -> None:
 
 def test_lookup_imports_no_torch() -> None:
     code = (
-        "import sys; from parity import toy; toy.known_models(); toy.config_path('llama'); "
+        "import sys; from parity.harness import toy; toy.known_models(); toy.config_path('llama'); "
         "toy.config_hash('qwen3'); assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'transformers' not in sys.modules, 'transformers imported'"
     )
-    src = str(Path(toy.__file__).resolve().parent.parent)
+    src = str(Path(toy.__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=src)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -148,9 +139,14 @@ def _text(config):  # noqa: ANN001, ANN202
     return getattr(config, "text_config", None) or config
 
 
+def _head_dim(text) -> int:  # noqa: ANN001
+    """The config's head_dim, or what the model derives when the field is absent."""
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
 def _rotary_half(text) -> int:  # noqa: ANN001
     factor = (text.rope_parameters or {}).get("partial_rotary_factor", 1.0)
-    return int(text.head_dim * factor) // 2
+    return int(_head_dim(text) * factor) // 2
 
 
 @pytest.mark.parametrize("model_id", EXPECTED_IDS)
@@ -166,7 +162,7 @@ def test_toy_config_follows_kernel_friendly_rules(model_id: str) -> None:
         assert text.v_head_dim != 64 and text.q_lora_rank and text.kv_lora_rank
         assert (text.first_k_dense_replace, text.n_group, text.topk_group) == (1, 1, 1)
     else:
-        assert text.head_dim == 64
+        assert _head_dim(text) in (64, 128)
     for key in ("attention_dropout", "residual_dropout"):
         assert getattr(text, key, 0.0) == 0.0
     assert text.use_cache is False
@@ -205,7 +201,14 @@ def test_readme_names_origin_and_changes(model_id: str) -> None:
 
 
 def test_family_and_moe_classification() -> None:
-    families = {m: toy.model_family(toy.load_config(m)) for m in EXPECTED_IDS}
+    """The registry's torch-free derivations agree with transformers' view of every config."""
+    for case in registry.cases():
+        config = toy.load_config(case.config)
+        assert case.family == toy.model_family(config), case.id
+        assert case.is_moe == toy.is_moe(config), case.id
+        if case.family != "text":
+            assert case.patch_size == config.vision_config.patch_size, case.id
+    families = {c.id: c.family for c in registry.cases() if c.id in SHIPPED}
     assert {m for m, f in families.items() if f == "omni"} == {"qwen2_5_omni", "qwen3_omni_moe"}
     assert {m for m, f in families.items() if f == "text"} == {
         "llama",
@@ -215,7 +218,7 @@ def test_family_and_moe_classification() -> None:
         "seed_oss",
         "deepseek_v3",
     }
-    moe = {m for m in EXPECTED_IDS if toy.is_moe(toy.load_config(m))}
+    moe = {c.id for c in registry.cases() if c.is_moe and c.id in SHIPPED}
     assert moe == {"qwen3_moe", "deepseek_v3", "qwen3_vl_moe", "qwen3_5_moe", "qwen3_omni_moe"}
 
 

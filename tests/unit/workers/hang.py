@@ -8,7 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from parity.rank_setup import init_rank, shutdown
+from parity.harness.rank_setup import init_rank, shutdown
 
 
 def block_in_all_reduce() -> None:

@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from parity.rank_setup import init_rank, shutdown
+from parity.harness.rank_setup import init_rank, shutdown
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ import signal
 
 import torch.distributed as dist
 
-from parity.rank_setup import init_rank, shutdown
+from parity.harness.rank_setup import init_rank, shutdown
 
 
 def main() -> None:

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from parity.parallel_state import get_sp_group
-from parity.ulysses import (
+from parity.backend.parallel_state import get_sp_group
+from parity.backend.ulysses import (
     all_gather_sequence,
     gather_heads_scatter_seq,
     gather_seq_scatter_heads,

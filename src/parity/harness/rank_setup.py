@@ -2,7 +2,7 @@
 
 A rank-asymmetric collective hangs forever unless something stops it, and a stopped hang is only
 useful if it says *where* each rank was. This module is the per-rank half of that contract; the
-launcher half lives in :mod:`parity.launch`. Both communicate through environment variables that
+launcher half lives in :mod:`parity.harness.launch`. Both communicate through environment variables that
 the launcher sets:
 
 ``PARITY_PG_TIMEOUT_S``
@@ -36,11 +36,9 @@ import torch
 import torch.distributed as dist
 
 # Names shared with the launcher live there, because the launcher must not import torch.
-from parity.launch import ENV_PG_TIMEOUT, ENV_RANK_TIMEOUT, ENV_STACK_DIR, pid_file, stack_file
-
-# Used when the rank is started without the parity launcher (plain torchrun): long enough for a
-# cold NCCL init on a big node, far shorter than NCCL's 10-minute default.
-DEFAULT_PG_TIMEOUT_S = 300.0
+from parity import settings
+from parity.harness import faults
+from parity.harness.launch import pid_file, stack_file
 
 # faulthandler keeps only the file descriptor, so the file object must outlive init_rank().
 _stack_file: IO[str] | None = None
@@ -53,7 +51,7 @@ def _install_stack_dumps(rank: int) -> None:
     attribute each stack to a rank after the fact.
     """
     global _stack_file
-    stack_dir_env = os.environ.get(ENV_STACK_DIR)
+    stack_dir_env = settings.get("PARITY_STACK_DIR")
     if stack_dir_env:
         stack_dir = Path(stack_dir_env)
         stack_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +70,7 @@ def _install_stack_dumps(rank: int) -> None:
     # SIGTERM would), so a collective mismatch reports every rank's stack, not only the one that raised.
     faulthandler.register(signal.SIGTERM, file=out, all_threads=True, chain=True)
 
-    rank_timeout = os.environ.get(ENV_RANK_TIMEOUT)
+    rank_timeout = settings.get("PARITY_RANK_TIMEOUT_S")
     if rank_timeout:
         faulthandler.dump_traceback_later(float(rank_timeout), exit=True, file=out)
 
@@ -94,13 +92,14 @@ def init_rank(*, backend: str | None = None) -> tuple[int, int]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     _install_stack_dumps(rank)
+    faults.install(settings.get("PARITY_FAULT"))  # negative controls: patch the code under test
 
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
 
-    pg_timeout_s = float(os.environ.get(ENV_PG_TIMEOUT, DEFAULT_PG_TIMEOUT_S))
+    pg_timeout_s = settings.get("PARITY_PG_TIMEOUT_S")
     dist.init_process_group(
         backend=backend,
         rank=rank,

@@ -7,7 +7,7 @@ exists either freezes nothing or, worse, guesses. So the lookup here tries an ex
 known paths, in order, and raises a ``ValueError`` naming the model class and every path it tried
 when none matches, instead of training a "frozen" tower.
 
-:func:`find_tower` is shared with :mod:`parity.dummy_forward`, which needs the same modules (and
+:func:`find_tower` is shared with :mod:`parity.training.dummy_forward`, which needs the same modules (and
 the module that owns them) to keep text-only ranks in step with multimodal ones.
 """
 

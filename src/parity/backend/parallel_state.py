@@ -10,13 +10,12 @@ single-process path without touching ``torch.distributed`` at all, so they run i
 never initialised a process group.
 
 This module also holds the one differentiable collective both sp and ep need,
-:func:`all_to_all_single_autograd`, and the fault switch the negative controls use.
+:func:`all_to_all_single_autograd`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,10 +23,6 @@ import torch
 import torch.distributed as dist
 
 ProcessGroup = dist.ProcessGroup
-
-# Negative controls: a comma-separated list of fault names injected into the system under test.
-ENV_FAULT = "PARITY_FAULT"
-
 
 @dataclass
 class _State:
@@ -127,20 +122,6 @@ def parallel_groups_from_mesh(mesh: object) -> Iterator[None]:
     groups = groups_from_mesh(mesh)
     with parallel_groups(sp=groups["sp"], ep=groups["ep"]):
         yield
-
-
-# --------------------------------------------------------------------------------------------
-# fault injection for negative controls
-
-
-def fault_active(name: str) -> bool:
-    """True when ``PARITY_FAULT`` names this fault.
-
-    Read at call time (not import time) so a check can flip it per run. A parity check that still
-    passes with a fault injected proves nothing; the distributed checks run once with each fault to
-    show the comparison can fail.
-    """
-    return name in {f.strip() for f in os.environ.get(ENV_FAULT, "").split(",") if f.strip()}
 
 
 # --------------------------------------------------------------------------------------------

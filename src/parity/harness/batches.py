@@ -14,7 +14,7 @@ Layout rules (see notes §1 "Packed sequences"/"VLM packing" and §4 "VLM inputs
   drives the packed mask / cu_seqlens, rows 1..3 are the mRoPE positions computed per sample by
   the model's own ``get_rope_index``. With only 3 rows transformers cannot see sample borders.
 * no ``attention_mask``: a mask would disable packed-sequence detection. ``use_cache=False`` is
-  not in ``inputs`` (it is not a tensor); ``parity.toy.build_model`` turns it off in the config.
+  not in ``inputs`` (it is not a tensor); ``parity.harness.toy.build_model`` turns it off in the config.
 
 Sample plan per family (sample index i, in order):
 
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from parity.toy import load_config, model_family
+from parity.harness.toy import load_config, model_family
 
 __all__ = ["PackedBatch", "packed_batch", "separate_batches"]
 
@@ -136,7 +136,7 @@ def _rope_holder(config: Any, model: torch.nn.Module | None) -> Any:
     rope index only reads config values, so this is exact and cheap for any size.
     """
     if model is None:
-        from parity.toy import _auto_class
+        from parity.harness.toy import _auto_class
 
         # eager: the config may carry a project attention name that HF's build check rejects
         with torch.device("meta"):

@@ -3,26 +3,25 @@
 The suites compare the same model under different attention/MoE backends, so a toy model must
 be byte-for-byte the same object whichever backend is asked for. `build_model` therefore always
 builds under the seed with the neutral "eager" implementations and only afterwards switches to
-the requested ones. Lookup and hashing (`known_models`, `config_path`, `config_hash`) stay free
-of torch/transformers because the nox sessions and the merge step import them without torch.
+the requested ones. Lookup and hashing (`known_models`, `config_path`, `config_hash`) live in the
+torch-free registry (:mod:`parity.results.registry`) and are re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from parity.results.registry import ToyConfigError, config_hash, config_path, known_models
+from parity.results.registry import read_json as _read_json
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps the module importable without torch
     import torch
     from transformers import PretrainedConfig
 
 __all__ = [
-    "TOY_CONFIG_ROOT",
     "ToyConfigError",
     "build_model",
     "config_hash",
@@ -33,94 +32,9 @@ __all__ = [
     "model_family",
 ]
 
-_ENV_ROOT = "PARITY_TOY_CONFIG_ROOT"
-_DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "toy_config"
-_SUFFIX = "_toy"
-
-TOY_CONFIG_ROOT: Path = Path(os.environ[_ENV_ROOT]) if os.environ.get(_ENV_ROOT) else _DEFAULT_ROOT
-
 # HF's own flash names go through HF validation (so a missing package raises); any other name that
 # contains "flash" is a project backend that HF's build-time check would reject (see notes §1).
 _HF_FLASH_NAMES = frozenset({"flash_attention_2", "flash_attention_3", "flash_attention_4"})
-
-
-class ToyConfigError(ValueError):
-    """A toy config id/path/file that cannot be used; the message names the file or id and why."""
-
-
-# --------------------------------------------------------------------------------------------
-# torch-free lookup
-# --------------------------------------------------------------------------------------------
-
-
-def _root() -> Path:
-    """Re-read the env on every call so tests and sessions can point at another tree late."""
-    env = os.environ.get(_ENV_ROOT)
-    return Path(env) if env else TOY_CONFIG_ROOT
-
-
-def known_models() -> list[str]:
-    """Sorted ids of every `<id>_toy/config.json` under the toy-config root."""
-    root = _root()
-    if not root.is_dir():
-        return []
-    return sorted(p.parent.name[: -len(_SUFFIX)] for p in root.glob(f"*{_SUFFIX}/config.json") if p.is_file())
-
-
-def config_path(model_id_or_path: str | os.PathLike[str]) -> Path:
-    """Resolve an id (`qwen3`), a toy dir, or a config.json path to the config.json file.
-
-    Ids are what pytest case ids and nox positional args carry; paths are what the seed's
-    `pytest.param("./tests/toy_config/...")` style carries. Both must work.
-    """
-    raw = os.fspath(model_id_or_path)
-    candidate = Path(raw).expanduser()
-    looks_like_path = candidate.suffix == ".json" or os.sep in raw or (os.altsep and os.altsep in raw)
-    if candidate.is_dir():
-        target = candidate / "config.json"
-        if not target.is_file():
-            raise ToyConfigError(f"{target}: missing file (directory {candidate} has no config.json)")
-        return target
-    if candidate.is_file():
-        return candidate
-    if looks_like_path:
-        raise ToyConfigError(f"{candidate}: missing file")
-    model_id = raw[: -len(_SUFFIX)] if raw.endswith(_SUFFIX) else raw
-    target = _root() / f"{model_id}{_SUFFIX}" / "config.json"
-    if target.is_file():
-        return target
-    known = known_models()
-    close = difflib.get_close_matches(model_id, known, n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ToyConfigError(
-        f"unknown toy model id {model_id!r} (no {target}).{hint} Known ids: {', '.join(known) or '(none)'}"
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """Parse with positions in the error, because a toy config is edited by hand."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ToyConfigError(f"{path}: missing file") from exc
-    except OSError as exc:
-        raise ToyConfigError(f"{path}: cannot read ({exc})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ToyConfigError(
-            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from exc
-    if not isinstance(data, dict):
-        raise ToyConfigError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def config_hash(path: str | os.PathLike[str]) -> str:
-    """sha256 of the canonical JSON, so whitespace/key-order edits do not change the fingerprint."""
-    data = _read_json(config_path(path))
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "parity.records/1"
+SCHEMA = "parity.results.records/1"
 RUN_KIND = "run"
 RESULTS_KIND = "results"
 
+#: ok: ran; error: raised; skipped: this machine cannot run it; unsupported: the model cannot.
+MODE_STATUSES = ("ok", "error", "skipped", "unsupported")
 #: Fields every per-mode record must carry.
 RECORD_FIELDS = ("mode", "status", "requested", "resolved", "metrics", "tolerance", "fingerprint")
 #: Fingerprint keys that must be present (values may be null where they do not apply, e.g. cuda on CPU).
@@ -122,6 +124,47 @@ class ResultsFile:
         }
 
 
+def make_record(
+    *,
+    suite: str,
+    model: str,
+    variant: str,
+    mode: dict[str, Any],
+    status: str,
+    tolerance: Tolerance | dict[str, float],
+    fingerprint: dict[str, Any],
+    requested: dict[str, Any] | None = None,
+    resolved: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    reason: str | None = None,
+    error: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one builder of per-mode records: every suite and check worker goes through it.
+
+    ``mode`` must carry a string ``id``; the rest of the schema is filled with empty objects where a
+    suite has nothing to say (a freeze check requests no backend), so the merge reads one shape.
+    """
+    record: dict[str, Any] = {
+        "suite": suite,
+        "model": model,
+        "variant": variant,
+        "mode": dict(mode),
+        "status": status,
+        "requested": dict(requested or {}),
+        "resolved": dict(resolved or {}),
+        "metrics": dict(metrics or {}),
+        "tolerance": tolerance.to_json() if isinstance(tolerance, Tolerance) else dict(tolerance),
+        "fingerprint": dict(fingerprint),
+        **extra,
+    }
+    if reason is not None:
+        record["reason"] = reason
+    if error is not None:
+        record["error"] = error
+    return record
+
+
 def run_manifest_path(results: Path, suite: str, variant: str) -> Path:
     return Path(results) / suite / variant / "_run.json"
 
@@ -160,7 +203,7 @@ def _load(path: Path) -> dict[str, Any]:
         raise RecordError(f"{path}: expected a JSON object, got {type(payload).__name__}")
     schema = payload.get("schema")
     if schema != SCHEMA:
-        if isinstance(schema, str) and schema.startswith("parity.records/"):
+        if isinstance(schema, str) and schema.startswith("parity.results.records/"):
             raise RecordError(
                 f"{path}: schema {schema!r} is not supported by this merge (expects {SCHEMA!r})"
             )
@@ -188,12 +231,12 @@ def validate_record(path: Path, record: Any, index: int) -> dict[str, Any]:
     mode = record["mode"]
     if not isinstance(mode, dict) or not isinstance(mode.get("id"), str):
         raise RecordError(f"{where}: field 'mode' must be an object with a string 'id'")
-    if record["status"] not in ("ok", "error", "skipped"):
+    if record["status"] not in MODE_STATUSES:
         raise RecordError(
-            f"{where} ({mode['id']}): status must be 'ok', 'error' or 'skipped', got {record['status']!r}"
+            f"{where} ({mode['id']}): status must be one of {', '.join(MODE_STATUSES)}, got {record['status']!r}"
         )
-    if record["status"] == "skipped" and not record.get("reason"):
-        raise RecordError(f"{where} ({mode['id']}): a skipped mode must say why ('reason')")
+    if record["status"] in ("skipped", "unsupported") and not record.get("reason"):
+        raise RecordError(f"{where} ({mode['id']}): a {record['status']} mode must say why ('reason')")
     for key in ("requested", "resolved"):
         if not isinstance(record[key], dict):
             raise RecordError(f"{where} ({mode['id']}): field {key!r} must be an object")

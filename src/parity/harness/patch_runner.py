@@ -11,7 +11,6 @@ breach too.
 from __future__ import annotations
 
 import gc
-import os
 import time
 import traceback
 from collections.abc import Iterable
@@ -21,12 +20,15 @@ from typing import Any
 
 import torch
 
-from parity import toy
-from parity.backend_trace import trace_backends
-from parity.batches import packed_batch
-from parity.fingerprint import REPO_ROOT, fingerprint
-from parity.modes import ModelMode, expected_provider, mode_skip_reason
-from parity.records import ResultsWriter, Tolerance
+from parity import settings
+from parity.harness import toy
+from parity.harness.backend_trace import trace_backends
+from parity.harness.batches import packed_batch
+from parity.harness.fingerprint import fingerprint
+from parity.results.compare import effective_tolerance
+from parity.results.modes import ModelMode, expected_provider, mode_skip_reason
+from parity.results.records import ResultsWriter, Tolerance, make_record
+from parity.results.registry import Case
 
 SUITE = "patch"
 SEED = 0
@@ -44,28 +46,13 @@ class RunSettings:
 
     @classmethod
     def from_env(cls, default_results: Path) -> RunSettings:
-        device = torch.device(
-            os.environ.get("PARITY_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        dtype_name = os.environ.get("PARITY_DTYPE") or ("bfloat16" if device.type == "cuda" else "float32")
-        dtype = getattr(torch, dtype_name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"PARITY_DTYPE={dtype_name!r} is not a torch dtype (use float32 or bfloat16)")
-        results = Path(os.environ.get("PARITY_RESULTS") or default_results)
-        return cls(os.environ.get("PARITY_VARIANT", "eager"), device, dtype, results)
+        device, dtype = settings.device_and_dtype()
+        results = settings.get("PARITY_RESULTS") or Path(default_results)
+        return cls(settings.get("PARITY_VARIANT"), device, dtype, results)
 
-
-#: Ceiling on the tolerance in float32. The case tolerances (the seed's 1e-2 defaults) are sized for
-#: bf16 rounding; in fp32 the backends agree to ~1e-7, and a 1e-2 tolerance would let real bugs
-#: through: attention leaking across two packed samples moved a toy qwen3's loss by only 0.23%.
-FP32_TOLERANCE = Tolerance(rtol=1e-4, atol=1e-5)
-
-
-def effective_tolerance(case: Tolerance, dtype: torch.dtype) -> Tolerance:
-    """The case tolerance, tightened to FP32_TOLERANCE when the run is in float32."""
-    if dtype != torch.float32:
-        return case
-    return Tolerance(min(case.rtol, FP32_TOLERANCE.rtol), min(case.atol, FP32_TOLERANCE.atol))
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
 
 def total_grad_norm(model: torch.nn.Module) -> float:
@@ -85,7 +72,7 @@ def _release(device: torch.device) -> None:
 
 def _parity_backends() -> tuple[Any, Any]:
     """Import (and so register) parity's attention and experts backends with transformers."""
-    from parity import attention, moe
+    from parity.backend import attention, moe
 
     return attention, moe
 
@@ -141,17 +128,22 @@ def run_case(
     modes: Iterable[ModelMode],
     tolerance: Tolerance,
     settings: RunSettings,
+    *,
+    case: Case | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every mode (reference first), writing records as we go; return the records."""
+    """Run every mode (reference first), writing records as we go; return the records.
+
+    A mode the registry entry declares unsupported is recorded as such, with its reason, and not
+    run; a mode this device or dtype cannot run is recorded as skipped.
+    """
     modes = list(modes)
     case_tolerance = tolerance
-    tolerance = effective_tolerance(tolerance, settings.dtype)
-    path = Path(config_path)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path  # case lists use repo-relative paths; allow running from elsewhere
+    tolerance = effective_tolerance(tolerance, settings.dtype_name)
+    path = toy.config_path(config_path)
     config = toy.load_config(path)
-    cfg_hash = toy.config_hash(toy.config_path(str(path)))
-    env = fingerprint(device=settings.device, dtype=settings.dtype, seed=SEED, config_hash=cfg_hash)
+    env = fingerprint(
+        device=settings.device, dtype=settings.dtype, seed=SEED, config_hash=toy.config_hash(path)
+    )
     writer = ResultsWriter(settings.results, SUITE, settings.variant, case_id, [m.id for m in modes])
     records = []
     for mode in modes:
@@ -161,34 +153,41 @@ def run_case(
         provider = expected_provider(settings.variant, mode)
         if provider:
             requested["kernel_provider"] = provider
-        record: dict[str, Any] = {
-            "suite": SUITE,
-            "model": case_id,
-            "variant": settings.variant,
-            "mode": mode.to_json(),
-            "requested": requested,
-            "tolerance": tolerance.to_json(),
-            "case_tolerance": case_tolerance.to_json(),
-            "fingerprint": env,
-        }
-        skip = mode_skip_reason(mode, settings.device.type, str(settings.dtype).removeprefix("torch."))
-        if skip:
-            record.update(status="skipped", reason=skip, resolved={}, metrics={})
-            print(f"[parity] {settings.variant} {case_id} {mode.id}: skipped ({skip})", flush=True)
+        common = dict(
+            suite=SUITE,
+            model=case_id,
+            variant=settings.variant,
+            mode=mode.to_json(),
+            requested=requested,
+            tolerance=tolerance,
+            fingerprint=env,
+            case_tolerance=case_tolerance.to_json(),
+        )
+        unsupported = (
+            case.unsupported_reason(mode.attn_implementation, mode.moe_implementation) if case else None
+        )
+        skip = mode_skip_reason(mode, settings.device.type, settings.dtype_name)
+        if unsupported or skip:
+            status = "unsupported" if unsupported else "skipped"
+            record = make_record(status=status, reason=unsupported or skip, **common)
+            print(
+                f"[parity] {settings.variant} {case_id} {mode.id}: {status} ({unsupported or skip})",
+                flush=True,
+            )
             writer.add(record)
             records.append(record)
             continue
         print(f"[parity] {settings.variant} {case_id} {mode.id} ...", flush=True)
         try:
-            record.update(run_mode(config, mode, settings))
-            record["status"] = "ok"
+            ran = run_mode(config, mode, settings)
+            record = make_record(status="ok", resolved=ran["resolved"], metrics=ran["metrics"], **common)
             m = record["metrics"]
             print(
                 f"[parity]   loss={m['loss']:.8g} grad_norm={m['grad_norm']:.8g} ({m['wall_s']:.2f}s)",
                 flush=True,
             )
         except Exception:  # a mode that raises is a finding about the model, recorded and reported
-            record.update(status="error", error=traceback.format_exc(), resolved={}, metrics={})
+            record = make_record(status="error", error=traceback.format_exc(), **common)
             print(f"[parity]   ERROR: {record['error'].strip().splitlines()[-1]}", flush=True)
             _release(settings.device)
         writer.add(record)

@@ -16,34 +16,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parity.parallel_state import ProcessGroup, fault_active
-
-FAULT_SWAP = "ulysses_swap"
-
+from parity.backend.parallel_state import ProcessGroup
 
 # --------------------------------------------------------------------------------------------
 # the exchanges
 
 
-def _exchange(
-    x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup, reverse: bool = False
-) -> torch.Tensor:
+def _exchange(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup) -> torch.Tensor:
     """Split ``x`` into sp chunks along ``scatter_dim``, send chunk j to rank j, concatenate what
-    arrives along ``gather_dim`` in rank order.
-
-    ``reverse`` concatenates in reversed rank order: the fault the negative control injects (a
-    plausible bug: sequence chunks put back in the wrong order).
-    """
+    arrives along ``gather_dim`` in rank order."""
     world = dist.get_world_size(group)
     if x.shape[scatter_dim] % world:
         raise ValueError(f"dim {scatter_dim} of size {x.shape[scatter_dim]} is not divisible by sp={world}")
     send = torch.stack(x.chunk(world, dim=scatter_dim), dim=0).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    parts = list(recv.unbind(0))
-    if reverse:
-        parts.reverse()
-    return torch.cat(parts, dim=gather_dim)
+    return torch.cat(list(recv.unbind(0)), dim=gather_dim)
 
 
 class _UlyssesAllToAll(torch.autograd.Function):
@@ -56,14 +44,13 @@ class _UlyssesAllToAll(torch.autograd.Function):
         scatter_dim: int,
         gather_dim: int,
         group: ProcessGroup,
-        reverse: bool,
     ) -> torch.Tensor:
         ctx.scatter_dim, ctx.gather_dim, ctx.group = scatter_dim, gather_dim, group
-        return _exchange(x, scatter_dim, gather_dim, group, reverse=reverse)
+        return _exchange(x, scatter_dim, gather_dim, group)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):  # type: ignore[override]
-        return _exchange(grad, ctx.gather_dim, ctx.scatter_dim, ctx.group), None, None, None, None
+        return _exchange(grad, ctx.gather_dim, ctx.scatter_dim, ctx.group), None, None, None
 
 
 def gather_seq_scatter_heads(
@@ -72,14 +59,14 @@ def gather_seq_scatter_heads(
     """[.., H, .., S/sp, ..] on every rank -> [.., H/sp, .., S, ..]: the exchange before attention."""
     if x.shape[head_dim] % dist.get_world_size(group):
         raise ValueError(f"{x.shape[head_dim]} heads are not divisible by sp={dist.get_world_size(group)}")
-    return _UlyssesAllToAll.apply(x, head_dim, seq_dim, group, fault_active(FAULT_SWAP))
+    return _UlyssesAllToAll.apply(x, head_dim, seq_dim, group)
 
 
 def gather_heads_scatter_seq(
     x: torch.Tensor, *, head_dim: int, seq_dim: int, group: ProcessGroup
 ) -> torch.Tensor:
     """[.., H/sp, .., S, ..] -> [.., H, .., S/sp, ..]: the exchange after attention."""
-    return _UlyssesAllToAll.apply(x, seq_dim, head_dim, group, False)
+    return _UlyssesAllToAll.apply(x, seq_dim, head_dim, group)
 
 
 def repeat_kv_heads_for_sp(kv: torch.Tensor, sp: int, *, head_dim: int = 1) -> torch.Tensor:

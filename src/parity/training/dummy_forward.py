@@ -34,11 +34,11 @@ them (no sequence split, no Ulysses exchange) and gradient checkpointing is off 
 a recomputation during backward would happen outside that switch. With checkpointing on, the real
 passes are still checkpointed; FSDP2 issues the same collectives either way.
 
-``PARITY_DISABLE_DUMMY_FORWARD=1`` makes :func:`enable_dummy_forward` install nothing (the
+``enable_dummy_forward(model, enabled=False)`` installs nothing (the
 negative control of the ``dummy_forward`` suite: the same job must then hang or fail).
 
 Install the hooks before or after ``fully_shard``; the owner and the language model must not be
-FSDP units themselves (:func:`parity.fsdp.apply_fsdp2` wraps only blocks/layers/encoders and the
+FSDP units themselves (:func:`parity.training.fsdp.apply_fsdp2` wraps only blocks/layers/encoders and the
 root), because their own all-gathers would then run before the dummy passes.
 """
 
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,20 +53,16 @@ from typing import Any
 
 import torch
 
-from parity import parallel_state
-from parity.vlm_trainer import locate_tower, unwrap_model
+from parity.backend import parallel_state
+from parity.training.vlm_trainer import locate_tower, unwrap_model
 
 __all__ = [
-    "ENV_DISABLE",
     "MODALITIES",
     "DummyForward",
     "dummy_forward",
     "dummy_inputs",
     "enable_dummy_forward",
-    "is_disabled",
 ]
-
-ENV_DISABLE = "PARITY_DISABLE_DUMMY_FORWARD"
 
 #: Mel frames of the dummy audio clip: one partial chunk, a few output tokens after the conv stack.
 DUMMY_AUDIO_FRAMES = 16
@@ -94,11 +89,6 @@ MODALITIES: dict[str, Modality] = {
 # time: a real call out of this order raises instead of pairing the wrong collectives.
 _ORDER_WITH_AUDIO = ("audio", "image", "video")
 _ORDER_VISION_ONLY = ("image", "video")
-
-
-def is_disabled() -> bool:
-    """True when ``PARITY_DISABLE_DUMMY_FORWARD`` asks for the unprotected (hanging) behaviour."""
-    return os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +198,7 @@ class DummyForward:
     """The hooks :func:`enable_dummy_forward` installs on one model; ``remove()`` takes them off.
 
     ``calls`` counts the dummy passes per modality (what a test or a log line can check);
-    ``enabled`` is False when ``PARITY_DISABLE_DUMMY_FORWARD`` was set at install time.
+    ``enabled`` is False when the caller asked for the unprotected behaviour.
     """
 
     def __init__(self, model: torch.nn.Module, *, enabled: bool = True) -> None:
@@ -393,11 +383,11 @@ class DummyForward:
             )
 
 
-def enable_dummy_forward(model: torch.nn.Module) -> DummyForward:
+def enable_dummy_forward(model: torch.nn.Module, *, enabled: bool = True) -> DummyForward:
     """Install the dummy-forward hooks on a VLM / Omni model (see the module docstring).
 
-    Returns the handle (``.remove()``, ``.calls``). With ``PARITY_DISABLE_DUMMY_FORWARD=1`` nothing
-    is installed and the handle has ``enabled=False``. Raises ValueError for a model without a
+    Returns the handle (``.remove()``, ``.calls``). With ``enabled=False`` nothing is installed
+    (the negative control's unprotected run) and the handle says so. Raises ValueError for a model without a
     vision tower, naming the paths tried.
     """
-    return DummyForward(model, enabled=not is_disabled())
+    return DummyForward(model, enabled=enabled)

@@ -37,16 +37,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parity.parallel_state import all_to_all_single_autograd, ep_size, fault_active, get_ep_group
+from parity.backend.parallel_state import all_to_all_single_autograd, ep_size, get_ep_group
 
 FUSED = "fused"
-FAULT_EP_DROP = "ep_drop"
 PROVIDER_GROUPED_MM = "torch.grouped_mm"
 PROVIDER_LOOP = "loop"
 
 
 # --------------------------------------------------------------------------------------------
-# kernel log (same API as parity.attention)
+# kernel log (same API as parity.backend.attention)
 
 
 _PROVIDERS: dict[str, set[str]] = {}
@@ -337,11 +336,6 @@ def _ep_mlp(
         expert_weights(module, first, n_local),
     )
     y_recv = y_local.new_empty(y_local.shape).index_copy(0, regroup, y_local)
-    if fault_active(FAULT_EP_DROP):  # negative control: lose every row computed for another rank
-        src = torch.repeat_interleave(
-            torch.arange(size, device=x.device), torch.tensor(recv_splits, device=x.device)
-        )
-        y_recv = y_recv * (src == rank).unsqueeze(-1).to(y_recv.dtype)
     return all_to_all_single_autograd(y_recv, group, out_splits=send_splits, in_splits=recv_splits), provider
 
 
@@ -353,7 +347,7 @@ def fused_experts_forward(
 ) -> torch.Tensor:
     """transformers' experts contract: [T, H], [T, k] global expert ids, [T, k] weights -> [T, H].
 
-    With an ep group active (:mod:`parity.parallel_state`) each rank computes only its E/ep
+    With an ep group active (:mod:`parity.backend.parallel_state`) each rank computes only its E/ep
     experts; the module may hold all experts (the local block is used, other experts get zero
     gradient here) or only its block (see :func:`shard_experts_for_ep`).
     """

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from parity import settings
 
 
 @dataclass
@@ -101,9 +102,9 @@ def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
 
 
 def init(args: argparse.Namespace) -> tuple[int, int]:
-    """Join the process group through parity.rank_setup (hang diagnostics, timeouts) and fill
+    """Join the process group through parity.harness.rank_setup (hang diagnostics, timeouts) and fill
     :data:`SETTINGS`: NCCL and this rank's GPU when CUDA is available, else gloo on CPU."""
-    from parity.rank_setup import init_rank
+    from parity.harness.rank_setup import init_rank
 
     if torch.cuda.is_available():
         rank, world = init_rank(backend="nccl")
@@ -118,9 +119,9 @@ def init(args: argparse.Namespace) -> tuple[int, int]:
 
 def finish(tag: str, rank: int, results: list[CaseResult], out: Path | None) -> int:
     """Print one line per case and comparison, write JSON, return the process exit code."""
-    from parity import attention, moe
+    from parity.backend import attention, moe
 
-    fault = os.environ.get("PARITY_FAULT", "")
+    fault = ",".join(settings.get("PARITY_FAULT"))
     providers = {"attention": attention.kernel_providers_used(), "experts": moe.kernel_providers_used()}
     print(
         f"[{tag}] rank={rank} backend={SETTINGS.backend} dtype={SETTINGS.dtype} device={SETTINGS.device} "
@@ -192,7 +193,7 @@ def main(tag: str, cases: dict[str, Callable[[CaseResult], None]], doc: str, arg
     try:
         results = run_cases(cases, args.cases)
     finally:
-        from parity.rank_setup import shutdown
+        from parity.harness.rank_setup import shutdown
 
         shutdown()
     return finish(tag, rank, results, args.out)

@@ -1,0 +1,588 @@
+"""Rank-asymmetric multimodal batches under FSDP2: every rank finishes, and the numbers are right.
+
+The worker of the ``dummy_forward`` suite, run on every rank::
+
+    torchrun --nproc-per-node 2 -m parity.harness.checks.dummy_forward_check \\
+        --config toy_config/qwen2_5_vl_toy --batch vlm_batch --patch-size 14 --steps 2 --out r.json
+
+Rank 0 gets text + images + video (+ audio for the Omni thinkers), every other rank text only:
+the VeOmni shape of the bug, where text-only ranks skip the encoders and the FSDP2 collectives of
+the ranks stop pairing up. Each rank builds the toy model (fp32 on CPU/gloo; on GPU fp32 master
+weights with bf16 mixed precision), installs :func:`parity.training.dummy_forward.enable_dummy_forward`,
+shards it with :func:`parity.training.fsdp.apply_fsdp2` and runs ``--steps`` SGD steps of forward+backward.
+
+What must hold on every rank: finite loss, finite gradients, the same set of parameters without a
+gradient on all ranks (the SPMD invariant), a non-zero global grad norm and a non-zero gradient
+on the vision tower (rank 0's images must reach it). And because the dummy passes must change no
+number, rank 0 also computes a reference without FSDP and without hooks: one unsharded copy of the
+model, every rank's batch in turn, gradients averaged over ranks (what FSDP's reduce-scatter
+does), the same SGD steps. The per-rank losses and the global grad norm must match it.
+
+Rank 0 writes one JSON file (``--out``) with the per-rank numbers, the reference, the problems
+found and two ready-made metric records (modes ``reference`` and ``fsdp2_asym``) for the merge.
+Exit code 0 when every check passed. ``PARITY_DISABLE_DUMMY_FORWARD=1`` is the negative control:
+the job must then hang (caught by the process-group timeout / the launcher) or fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import gc
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parity import settings
+from parity.harness import toy
+from parity.harness.batches import _audio_token_count, _pixel_row_width, _token_id, packed_batch
+from parity.harness.launch import stack_file
+
+TAG = "dummy_forward_check"
+SEED = 0  # model weights
+DATA_SEED = 1  # batches
+TEXT_SEQ_LEN = 64
+LEARNING_RATE = 0.05
+_TEXT_ID_RANGE = (3, 1000)  # below the toy configs' special ids, as in parity.harness.batches
+
+# Omni rank-0 sample: one image, one 2-frame video, one audio clip.
+_OMNI_IMAGE_GRID = (1, 4, 4)
+_OMNI_VIDEO_GRID = (2, 4, 4)
+_OMNI_AUDIO_FRAMES = 64
+
+
+# --------------------------------------------------------------------------------------------
+# batches (CPU tensors; the worker moves them)
+
+
+def _check_patch_size(config: Any, patch_size: int) -> None:
+    """The case's patch_size documents the model (seed convention); a mismatch is a wrong case."""
+    vision = config.vision_config
+    actual = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+    if int(actual) != int(patch_size):
+        raise ValueError(
+            f"{config.model_type}: case says patch_size={patch_size}, the config has {actual}; "
+            "fix the case in tests/distributed/test_dummy_forward.py"
+        )
+
+
+def text_batch(config: Any, *, rank: int, seq_len: int = TEXT_SEQ_LEN) -> dict[str, torch.Tensor]:
+    """Text only: what a rank whose samples carry no image, video or audio feeds the model."""
+    gen = torch.Generator().manual_seed(DATA_SEED * 1000 + rank)
+    ids = torch.randint(*_TEXT_ID_RANGE, (1, seq_len), generator=gen)
+    labels = ids.clone()
+    labels[:, 0] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def vlm_batch(config: Any, *, rank: int, patch_size: int) -> dict[str, torch.Tensor]:
+    """Rank 0: two packed samples, two images (grids 1x8x8, 1x4x8) and one 2-frame video; else text.
+
+    Rank 0's batch is :func:`parity.harness.batches.packed_batch` (4-row position ids, mm_token_type_ids),
+    the same inputs the patch suite validates in 5.17 and 5.24.
+    """
+    _check_patch_size(config, patch_size)
+    if rank != 0:
+        return text_batch(config, rank=rank)
+    return packed_batch(config, seq_lens=(96, 64), seed=DATA_SEED).inputs
+
+
+def omni_batch(config: Any, *, rank: int, patch_size: int) -> dict[str, torch.Tensor]:
+    """Rank 0: one sample with an image, a 2-frame video and an audio clip; else text only.
+
+    Built here because :func:`parity.harness.batches.packed_batch` gives Omni samples no video. The
+    thinker derives the mRoPE positions itself (it does so when ``attention_mask`` is passed).
+    """
+    _check_patch_size(config, patch_size)
+    if rank != 0:
+        return text_batch(config, rank=rank)
+    gen = torch.Generator().manual_seed(DATA_SEED)
+    vision = config.vision_config
+    merge = vision.spatial_merge_size
+    width = _pixel_row_width(vision)
+    vs, ve = _token_id(config, "vision_start"), _token_id(config, "vision_end")
+    a_start, a_end = _token_id(config, "audio_start"), _token_id(config, "audio_end")
+
+    def text(n: int) -> list[int]:
+        return torch.randint(*_TEXT_ID_RANGE, (n,), generator=gen).tolist()
+
+    n_image = math.prod(_OMNI_IMAGE_GRID) // merge**2
+    n_video = math.prod(_OMNI_VIDEO_GRID) // merge**2
+    n_audio = _audio_token_count(config, _OMNI_AUDIO_FRAMES)
+    ids = (
+        text(4)
+        + [vs] + [_token_id(config, "image")] * n_image + [ve]
+        + text(3)
+        + [vs] + [_token_id(config, "video")] * n_video + [ve]
+        + text(3)
+        + [a_start] + [_token_id(config, "audio")] * n_audio + [a_end]
+        + text(16)
+    )  # fmt: skip
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    placeholders = {_token_id(config, k) for k in ("image", "video", "audio")}
+    labels = input_ids.clone()
+    labels[:, 0] = -100
+    labels[torch.isin(input_ids, torch.tensor(sorted(placeholders)))] = -100
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "pixel_values": torch.randn(math.prod(_OMNI_IMAGE_GRID), width, generator=gen),
+        "image_grid_thw": torch.tensor([_OMNI_IMAGE_GRID], dtype=torch.long),
+        "pixel_values_videos": torch.randn(math.prod(_OMNI_VIDEO_GRID), width, generator=gen),
+        "video_grid_thw": torch.tensor([_OMNI_VIDEO_GRID], dtype=torch.long),
+        # Seconds per temporal grid step; the Omni rope index needs it for every video.
+        "video_second_per_grid": torch.tensor([1.0]),
+        "input_features": torch.randn(1, config.audio_config.num_mel_bins, _OMNI_AUDIO_FRAMES, generator=gen),
+        "feature_attention_mask": torch.ones(1, _OMNI_AUDIO_FRAMES, dtype=torch.long),
+    }
+
+
+#: Batch functions by name: the test's ``partial(_vlm_batch, patch_size=P)`` travels as
+#: ``--batch vlm_batch --patch-size P`` (a function cannot cross the process boundary).
+BATCHES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    "vlm_batch": vlm_batch,
+    "omni_batch": omni_batch,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# numbers
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """fp32 FSDP vs unsharded differ by reduction order only; bf16 mixed precision by rounding."""
+    if dtype == torch.float32:
+        return {"rtol": 1e-4, "atol": 1e-5}
+    return {"rtol": 2e-2, "atol": 2e-2}
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _sq_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Sum of squared gradient entries over this rank's (local) shards, in fp32."""
+    total = torch.zeros((), dtype=torch.float32)
+    for p in params:
+        if p.grad is not None:
+            total = total + _local(p.grad).detach().float().pow(2).sum().cpu()
+    return total
+
+
+def _reference(config: Any, batches: list[dict[str, torch.Tensor]], steps: int, device: torch.device) -> dict:
+    """Unsharded model, no hooks: per step, every rank's loss and the norm of the averaged grads."""
+    model = toy.build_model(
+        config, attn_implementation="eager", dtype=torch.float32, device=device, seed=SEED
+    )
+    vision = _vision_params(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    losses: list[list[float]] = [[] for _ in batches]
+    grad_norms, vision_norms = [], []
+    for _ in range(steps):
+        for rank, batch in enumerate(batches):
+            loss = model(**_to(batch, device)).loss
+            (loss / len(batches)).backward()  # FSDP's reduce-scatter averages over ranks
+            losses[rank].append(float(loss.detach()))
+        grad_norms.append(float(_sq_norm(list(model.parameters())).sqrt()))
+        vision_norms.append(float(_sq_norm(vision).sqrt()))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    del model, opt
+    return {"losses_by_rank": losses, "grad_norm": grad_norms, "vision_grad_norm": vision_norms}
+
+
+def _vision_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    from parity.training.vlm_trainer import find_tower
+
+    return list(find_tower(model, "vision").parameters())
+
+
+def _max_dev(values: list[float], refs: list[float]) -> tuple[float, float]:
+    abs_dev = max((abs(v - r) for v, r in zip(values, refs, strict=True)), default=0.0)
+    rel_dev = max(
+        (abs(v - r) / abs(r) if r else math.inf for v, r in zip(values, refs, strict=True)), default=0.0
+    )
+    return abs_dev, rel_dev
+
+
+def _within(values: list[float], refs: list[float], tol: dict[str, float]) -> bool:
+    return len(values) == len(refs) and all(
+        abs(v - r) <= tol["atol"] + tol["rtol"] * abs(r) for v, r in zip(values, refs, strict=True)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the distributed run
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing of every layer, through whichever API this transformers has.
+
+    5.24 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
+    name warns) and checkpoints each layer's ``forward`` instead of its ``__call__``, so FSDP2's
+    hooks no longer rerun on recomputation; 5.17 only has the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model to check: id (file name of its result), config, rank-0 batch builder, options."""
+
+    id: str
+    config: str
+    batch: str
+    patch_size: int
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Case:
+        """``id=qwen2_vl,config=PATH,batch=vlm_batch,patch_size=14[,gc=1]``."""
+        fields = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+        missing = [k for k in ("id", "config", "batch", "patch_size") if k not in fields]
+        if missing:
+            raise ValueError(f"--case {spec!r}: missing {', '.join(missing)}")
+        if fields["batch"] not in BATCHES:
+            raise ValueError(
+                f"--case {spec!r}: unknown batch {fields['batch']!r}; known: {', '.join(BATCHES)}"
+            )
+        return cls(
+            id=fields["id"],
+            config=fields["config"],
+            batch=fields["batch"],
+            patch_size=int(fields["patch_size"]),
+            gradient_checkpointing=fields.get("gc", "0") in ("1", "true", "yes"),
+        )
+
+    def to_spec(self) -> str:
+        gc = ",gc=1" if self.gradient_checkpointing else ""
+        return f"id={self.id},config={self.config},batch={self.batch},patch_size={self.patch_size}{gc}"
+
+
+def _run_rank(case: Case, args: argparse.Namespace, rank: int, device: torch.device) -> dict[str, Any]:
+    """Build, hook, shard, train ``args.steps`` steps; return this rank's numbers and problems."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from parity.training.dummy_forward import enable_dummy_forward
+    from parity.training.fsdp import apply_fsdp2
+
+    config = toy.load_config(case.config)
+    batch = _to(BATCHES[case.batch](config, rank=rank, patch_size=case.patch_size), device)
+    model = toy.build_model(
+        config, attn_implementation=args.attn, dtype=torch.float32, device=device, seed=SEED
+    )
+    if case.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    hooks = enable_dummy_forward(model, enabled=not settings.get("PARITY_DISABLE_DUMMY_FORWARD"))
+    mp = None
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    apply_fsdp2(model, None, mp_policy=mp)
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    vision = [p for p in _vision_params(model) if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=LEARNING_RATE)
+
+    out: dict[str, Any] = {
+        "rank": rank,
+        "modalities": sorted(
+            k for k in ("pixel_values", "pixel_values_videos", "input_features") if k in batch
+        ),
+        "dummy_forward_enabled": hooks.enabled,
+        "losses": [],
+        "grad_norm": [],
+        "vision_grad_norm": [],
+        "no_grad_params": [],
+        "problems": [],
+    }
+    for step in range(args.steps):
+        loss = model(**batch).loss
+        loss.backward()
+        value = float(loss.detach().float())
+        out["losses"].append(value)
+        if not math.isfinite(value):
+            out["problems"].append(f"rank {rank} step {step}: non-finite loss {value}")
+        if step == 0:
+            out["no_grad_params"] = sorted(names[id(p)] for p in params if p.grad is None)
+        bad = sorted(
+            names[id(p)] for p in params if p.grad is not None and not _local(p.grad).isfinite().all()
+        )
+        if bad:
+            out["problems"].append(f"rank {rank} step {step}: non-finite grads in {bad[:5]}")
+        norms = torch.stack([_sq_norm(params), _sq_norm(vision)]).to(device)
+        dist.all_reduce(norms)  # shards are disjoint: the sum of squares over ranks is the global one
+        total, vision_total = (float(x) for x in norms.sqrt().cpu())
+        out["grad_norm"].append(total)
+        out["vision_grad_norm"].append(vision_total)
+        if not (math.isfinite(total) and total > 0):
+            out["problems"].append(f"rank {rank} step {step}: global grad norm {total}")
+        if not vision_total > 0:
+            out["problems"].append(
+                f"rank {rank} step {step}: the vision tower got no gradient ({vision_total})"
+            )
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out["dummy_calls"] = dict(hooks.calls)
+    print(
+        f"[{TAG}] case={case.id} rank={rank} modalities={out['modalities']} dummy_calls={out['dummy_calls']} "
+        f"losses={out['losses']} grad_norm={out['grad_norm']}",
+        flush=True,
+    )
+    return out
+
+
+def _records(summary: dict[str, Any], case: Case, device: torch.device, dtype: torch.dtype) -> list:
+    """The two metric records the merge compares: the unsharded reference and the FSDP2 run."""
+    from parity.harness.fingerprint import fingerprint
+
+    fp = fingerprint(device=device, dtype=dtype, seed=SEED, config_hash=toy.config_hash(case.config))
+    common = {
+        "world_size": summary["world_size"],
+        "steps": summary["steps"],
+        "batch": case.batch,
+        "gradient_checkpointing": case.gradient_checkpointing,
+        "attn_implementation": summary["attn_implementation"],
+    }
+    records = []
+    ref = summary.get("reference")
+    if ref is not None:
+        records.append(
+            {
+                "mode": {"id": "reference", "fsdp": False, "dummy_forward": False, **common},
+                "status": "ok",
+                "requested": {},
+                "resolved": {},
+                "metrics": {"loss": ref["losses_by_rank"][0], "grad_norm": ref["grad_norm"]},
+                "tolerance": summary["tolerance"],
+                "fingerprint": fp,
+                "expected_steps": summary["steps"],
+            }
+        )
+    ranks = summary["ranks"]
+    records.append(
+        {
+            "mode": {
+                "id": "fsdp2_asym",
+                "fsdp": True,
+                "dummy_forward": ranks[0]["dummy_forward_enabled"],
+                **common,
+            },
+            "status": "ok" if summary["passed"] else "error",
+            "requested": {},
+            "resolved": {},
+            "metrics": {
+                "loss": ranks[0]["losses"],
+                "grad_norm": ranks[0]["grad_norm"],
+                "losses_by_rank": [r["losses"] for r in ranks],
+                "dummy_calls_by_rank": [r["dummy_calls"] for r in ranks],
+            },
+            "tolerance": summary["tolerance"],
+            "fingerprint": fp,
+            "expected_steps": summary["steps"],
+            **({} if summary["passed"] else {"error": "; ".join(summary["problems"])}),
+        }
+    )
+    return records
+
+
+def _compare(summary: dict[str, Any]) -> None:
+    """Hold the FSDP2 numbers against the unsharded reference; append problems to the summary."""
+    ref, tol, ranks = summary["reference"], summary["tolerance"], summary["ranks"]
+    devs: dict[str, list[float]] = {}
+    for r in ranks:
+        name = f"loss[rank {r['rank']}]"
+        devs[name] = list(_max_dev(r["losses"], ref["losses_by_rank"][r["rank"]]))
+        if not _within(r["losses"], ref["losses_by_rank"][r["rank"]], tol):
+            summary["problems"].append(
+                f"{name} {r['losses']} != reference {ref['losses_by_rank'][r['rank']]}"
+            )
+    for key in ("grad_norm", "vision_grad_norm"):
+        devs[key] = list(_max_dev(ranks[0][key], ref[key]))
+        if not _within(ranks[0][key], ref[key], tol):
+            summary["problems"].append(f"{key} {ranks[0][key]} != reference {ref[key]}")
+    summary["max_deviation"] = devs  # name -> [max abs, max rel]
+
+
+def run_case(
+    case: Case, args: argparse.Namespace, rank: int, world: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """One model on every rank; returns the summary (complete on rank 0)."""
+    start = time.monotonic()
+    print(f"[{TAG}] case={case.id} rank={rank} start ({case.to_spec()})", flush=True)
+    reference = None
+    if rank == 0 and not args.no_reference:
+        config = toy.load_config(case.config)
+        batches = [BATCHES[case.batch](config, rank=r, patch_size=case.patch_size) for r in range(world)]
+        reference = _reference(config, batches, args.steps, device)
+    mine = _run_rank(case, args, rank, device)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+
+    problems = [p for r in gathered for p in r["problems"]]
+    no_grad = {r["rank"]: r["no_grad_params"] for r in gathered}
+    if len({tuple(v) for v in no_grad.values()}) > 1:
+        problems.append(f"parameters without a gradient differ across ranks (not SPMD): {no_grad}")
+    summary: dict[str, Any] = {
+        "check": TAG,
+        "case": case.id,
+        "config": case.config,
+        "world_size": world,
+        "steps": args.steps,
+        "batch": case.batch,
+        "gradient_checkpointing": case.gradient_checkpointing,
+        "attn_implementation": args.attn,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "tolerance": tolerance(dtype),
+        "ranks": gathered,
+        "reference": reference,
+        "problems": problems,
+    }
+    if reference is not None:
+        _compare(summary)
+    summary["passed"] = not summary["problems"]
+    summary["elapsed_s"] = round(time.monotonic() - start, 2)
+    if rank == 0:
+        summary["records"] = _records(summary, case, device, dtype)
+        for line in summary["problems"]:
+            print(f"[{TAG}] case={case.id} PROBLEM: {line}", flush=True)
+        verdict = "PASSED" if summary["passed"] else "FAILED"
+        print(
+            f"[{TAG}] case={case.id} {verdict} in {summary['elapsed_s']}s "
+            f"max_deviation={summary.get('max_deviation')}",
+            flush=True,
+        )
+    return summary
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _arm_case_deadline(seconds: float | None, rank: int) -> None:
+    """Per-case self-destruct: dump every thread's stack to the rank's stack file, then exit(1).
+
+    Several cases share one job to save start-up time, so the launcher's watchdog covers all of
+    them; this deadline keeps "a hang fails fast" true per case. It replaces init_rank's job-wide
+    timer (faulthandler holds one); ``shutdown()`` cancels it.
+    """
+    if not seconds:
+        return
+    stack_dir = settings.get("PARITY_STACK_DIR")
+    out = sys.stderr
+    if stack_dir:
+        global _deadline_file
+        if _deadline_file is None:
+            _deadline_file = open(stack_file(Path(stack_dir), rank), "a", buffering=1)
+        out = _deadline_file
+    faulthandler.dump_traceback_later(seconds, exit=True, file=out)
+
+
+_deadline_file: Any = None  # faulthandler keeps only the descriptor: the file must stay open
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    single = parser.add_argument_group("one case")
+    single.add_argument("--config", help="toy config id, dir or config.json")
+    single.add_argument("--batch", default="vlm_batch", choices=sorted(BATCHES))
+    single.add_argument("--patch-size", type=int, help="the model's vision patch size")
+    single.add_argument("--gradient-checkpointing", action="store_true")
+    single.add_argument("--out", type=Path, default=None, help="JSON file rank 0 writes")
+    several = parser.add_argument_group("several cases in one process group (saves start-up time)")
+    several.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="id=ID,config=PATH,batch=vlm_batch|omni_batch,patch_size=P[,gc=1]; repeatable",
+    )
+    several.add_argument("--out-dir", type=Path, default=None, help="rank 0 writes <case id>.json here")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--attn", default="eager", help="attention implementation of the FSDP2 run")
+    parser.add_argument("--no-reference", action="store_true", help="skip the unsharded reference")
+    parser.add_argument(
+        "--case-timeout",
+        type=float,
+        default=None,
+        help="seconds per case before a rank dumps its stack and exits (a hang fails fast, per case)",
+    )
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if bool(args.config) == bool(args.case):
+        parser.error("give either --config (one case) or --case (one or more)")
+    try:
+        args.cases = [Case.parse(spec) for spec in args.case]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.config:
+        if args.patch_size is None:
+            parser.error("--config needs --patch-size")
+        name = Path(args.config).name.removesuffix(".json").removesuffix("_toy") or "case"
+        args.cases = [Case(name, args.config, args.batch, args.patch_size, args.gradient_checkpointing)]
+    return args
+
+
+def _use_gpus() -> bool:
+    """NCCL when every local rank gets its own GPU, else gloo on CPU (``PARITY_DEVICE=cpu`` forces it).
+
+    Two ranks on one GPU would need NCCL to share a device; the CPU run checks the same thing.
+    """
+    if (settings.get("PARITY_DEVICE") or "").startswith("cpu") or not torch.cuda.is_available():
+        return False
+    return torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from parity.harness.rank_setup import init_rank, shutdown
+
+    args = parse_args(argv)
+    if _use_gpus():
+        rank, world = init_rank(backend="nccl")
+        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    else:
+        torch.set_num_threads(1)  # two ranks on a two-core machine: oversubscription makes gloo crawl
+        rank, world = init_rank(backend="gloo")
+        device, dtype = torch.device("cpu"), torch.float32
+    passed = True
+    try:
+        for case in args.cases:
+            _arm_case_deadline(args.case_timeout, rank)
+            # An exception propagates and ends the job: the peer would be stuck in the next collective.
+            summary = run_case(case, args, rank, world, device, dtype)
+            passed = passed and summary["passed"]
+            if rank == 0:
+                if args.out is not None:
+                    _write_json(args.out, summary)
+                if args.out_dir is not None:
+                    _write_json(args.out_dir / f"{case.id}.json", summary)
+            gc.collect()
+    finally:
+        shutdown()
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

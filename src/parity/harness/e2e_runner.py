@@ -1,0 +1,276 @@
+"""The e2e runner: one model's layouts trained under the hang-safe launcher, recorded and compared.
+
+Each layout is a real training run of ``python -m parity.train`` (2 epochs x 2 steps, AdamW)
+started through :func:`parity.harness.launch.launch` (watchdog, per-rank stacks on a hang, no
+leftover processes). Every layout trains the same CPU-seeded weights on the same synthetic global
+batch, and its per-step loss and grad norm are compared, step by step, with the ``sp1_ep1`` run
+through the merge's rules (:mod:`parity.results.compare`). Records go under
+``$PARITY_RESULTS/e2e/<variant>/<model>.json``.
+
+CPU: 2 gloo ranks, fp32, ``parity_sdpa_with_sp``; the case tolerances (sized for bf16) are tightened
+to :data:`parity.results.compare.FP32_TOLERANCE`. GPU: one rank per GPU (``PARITY_NPROC``
+overrides), NCCL, bf16 compute over fp32 master weights, the variant's flash backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parity import settings as parity_settings
+from parity.harness import toy
+from parity.harness.fingerprint import REPO_ROOT, fingerprint
+from parity.harness.launch import LaunchResult, launch
+from parity.harness.patch_runner import RunSettings
+from parity.results.compare import effective_tolerance
+from parity.results.modes import EXPECTED_PROVIDER, PARITY_ATTENTION
+from parity.results.records import ResultsWriter, Tolerance, make_record
+
+SUITE = "e2e"
+SP_SIZES = (1, 2)
+EP_SIZES = (1, 2)
+STEPS_PER_EPOCH, EPOCHS = 2, 2
+EXPECTED_STEPS = STEPS_PER_EPOCH * EPOCHS
+SEED = 0
+MOE_IMPLEMENTATION = "fused"
+SRC = REPO_ROOT / "src"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment of a training run: ``src`` in front of the caller's PYTHONPATH, one thread a rank."""
+    pythonpath = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **extra}
+
+
+@dataclass(frozen=True)
+class ParallelMode:
+    sp: int
+    ep: int
+
+    @property
+    def id(self) -> str:
+        return f"sp{self.sp}_ep{self.ep}"
+
+
+def parallel_modes(
+    is_moe: bool, max_sp_size: int | None, max_ep_size: int | None = None
+) -> list[ParallelMode]:
+    """sp1_ep1 (the reference) first; MoE models also get every ep size."""
+    sps = [s for s in SP_SIZES if max_sp_size is None or s <= max_sp_size]
+    eps = [e for e in (EP_SIZES if is_moe else (1,)) if max_ep_size is None or e <= max_ep_size]
+    return [ParallelMode(sp, ep) for sp in sps for ep in eps]
+
+
+@dataclass(frozen=True)
+class E2ESettings:
+    run: RunSettings  # variant, device, dtype, results folder (from the nox session's environment)
+    nproc: int
+    attn: str
+
+    @classmethod
+    def from_env(cls, default_results: Path) -> E2ESettings:
+        run = RunSettings.from_env(default_results)
+        nproc = parity_settings.get("PARITY_NPROC")
+        if nproc is None:
+            nproc = torch.cuda.device_count() if run.device.type == "cuda" else 2
+        attn = parity_settings.get("PARITY_E2E_ATTN")
+        if not attn:  # CPU: the sdpa-based backend; GPU: the variant's flash backend
+            attn = PARITY_ATTENTION[run.variant][-1] if run.device.type == "cuda" else "parity_sdpa_with_sp"
+        return cls(run=run, nproc=nproc, attn=attn)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.run.dtype).removeprefix("torch.")
+
+    def skip_reason(self, mode: ParallelMode) -> str | None:
+        for name, size in (("sp", mode.sp), ("ep", mode.ep)):
+            if self.nproc % size:
+                return f"{name}={size} needs a rank count divisible by {size}; this run has {self.nproc}"
+        return None
+
+
+@dataclass
+class LayoutRun:
+    mode: ParallelMode
+    result: LaunchResult
+    log_dict: dict[str, Any] | None
+    meta: dict[str, Any] | None
+
+
+_RUNS: dict[tuple, LayoutRun] = {}  # the negative controls reuse reference runs of the same session
+
+
+def _config_file(config_path: str) -> Path:
+    path = Path(config_path)
+    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
+
+
+def run_layout(
+    settings: E2ESettings, config_path: str, mode: ParallelMode, work: Path, *, fault: str = ""
+) -> LayoutRun:
+    """One training run of one layout (cached per session by its arguments)."""
+    config = _config_file(config_path)
+    key = (str(config), mode, settings.attn, settings.dtype_name, settings.nproc, fault)
+    if key in _RUNS:
+        return _RUNS[key]
+    out = work / mode.id / "out"
+    args = [
+        "-m", "parity.train",
+        "--config", str(config),
+        "--sp", str(mode.sp),
+        "--ep", str(mode.ep),
+        "--steps-per-epoch", str(STEPS_PER_EPOCH),
+        "--epochs", str(EPOCHS),
+        "--out", str(out),
+        "--attn", settings.attn,
+        "--moe", MOE_IMPLEMENTATION,
+        "--dtype", settings.dtype_name,
+        "--seed", str(SEED),
+    ]  # fmt: skip
+    result = launch(
+        args,
+        nproc=settings.nproc,
+        timeout_s=parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S"),
+        log_dir=work / mode.id / "logs",
+        env=child_env(PARITY_FAULT=fault),
+    )
+    log_dict = meta = None
+    if result.status == "ok":
+        log_dict = json.loads((out / "log_dict.json").read_text())
+        meta = json.loads((out / "run_meta.json").read_text())
+    run = LayoutRun(mode, result, log_dict, meta)
+    _RUNS[key] = run
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# records and verdicts (the merge's rules)
+
+
+def layout_record(
+    case_id: str,
+    config_path: str,
+    settings: E2ESettings,
+    mode: ParallelMode,
+    is_moe: bool,
+    tolerance: Tolerance,
+    case_tolerance: Tolerance,
+) -> dict[str, Any]:
+    """The record of one layout before it ran (filled by :func:`fill_record`)."""
+    requested: dict[str, Any] = {"attn_implementation": settings.attn}
+    if is_moe:
+        requested["moe_implementation"] = MOE_IMPLEMENTATION
+    provider = EXPECTED_PROVIDER.get((settings.run.variant, settings.attn))
+    if provider:
+        requested["kernel_provider"] = provider
+    config_hash = toy.config_hash(_config_file(config_path))
+    return make_record(
+        suite=SUITE,
+        model=case_id,
+        variant=settings.run.variant,
+        mode={
+            "id": mode.id,
+            "modeling_backend": "parity",
+            "attn_implementation": settings.attn,
+            "moe_implementation": MOE_IMPLEMENTATION if is_moe else None,
+            "sp": mode.sp,
+            "ep": mode.ep,
+        },
+        status="pending",
+        requested=requested,
+        tolerance=tolerance,
+        fingerprint=fingerprint(
+            device=settings.run.device, dtype=settings.run.dtype, seed=SEED, config_hash=config_hash
+        ),
+        expected_steps=EXPECTED_STEPS,
+        case_tolerance=case_tolerance.to_json(),
+        nproc=settings.nproc,
+    )
+
+
+def fill_record(record: dict[str, Any], run: LayoutRun) -> dict[str, Any]:
+    """Status, metrics and what actually ran, from the trainer's outputs (or the launch failure)."""
+    record["launch"] = {
+        "status": run.result.status,
+        "elapsed_s": round(run.result.elapsed_s, 2),
+        "log_dir": str(run.result.log_dir),
+    }
+    if run.log_dict is None or run.meta is None:
+        record.update(status="error", error=run.result.summary(), resolved={}, metrics={})
+        return record
+    resolved = {
+        k: v
+        for k, v in run.meta["resolved"].items()
+        if k in ("attn_implementation", "moe_implementation", "kernel_provider", "experts_provider")
+    }
+    record.update(
+        status="ok",
+        resolved=resolved,
+        metrics={
+            "loss": run.log_dict["loss"],
+            "grad_norm": run.log_dict["grad_norm"],
+            "wall_s": round(run.result.elapsed_s, 2),
+            "train_s": run.meta["train_s"],
+        },
+        layout=run.meta["layout"],
+        fingerprint=run.meta["fingerprint"],  # where the ranks really ran
+    )
+    return record
+
+
+def print_table(case_id: str, records: list[dict[str, Any]]) -> None:
+    """Per layout and step: |loss - ref|, |grad_norm - ref|; wall time of each run."""
+    ref = records[0]
+    print(f"\n[e2e] {case_id}: per-step deviation from {ref['mode']['id']}", file=sys.stderr)
+    for rec in records:
+        head = f"[e2e]   {rec['mode']['id']:<8} {rec['status']:<7}"
+        if rec["status"] != "ok" or ref["status"] != "ok":
+            print(f"{head} {rec.get('reason') or ''}", file=sys.stderr)
+            continue
+        m, r = rec["metrics"], ref["metrics"]
+        dl = [abs(a - b) for a, b in zip(m["loss"], r["loss"], strict=False)]
+        dg = [abs(a - b) for a, b in zip(m["grad_norm"], r["grad_norm"], strict=False)]
+        print(
+            f"{head} wall {m['wall_s']:6.1f}s  loss {' '.join(f'{v:.8f}' for v in m['loss'])}  "
+            f"|dloss| {' '.join(f'{v:.1e}' for v in dl)}  |dgnorm| {' '.join(f'{v:.1e}' for v in dg)}",
+            file=sys.stderr,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# one model
+
+
+def run_case(
+    case_id: str,
+    config_path: str,
+    is_moe: bool,
+    rtol: float,
+    atol: float,
+    max_sp_size: int | None,
+    settings: E2ESettings,
+    work: Path,
+) -> list[dict[str, Any]]:
+    """Train every layout of one model (sp1_ep1 first), record each, return the records."""
+    case_tolerance = Tolerance(rtol, atol)
+    tolerance = effective_tolerance(case_tolerance, settings.dtype_name)
+    modes = parallel_modes(is_moe, max_sp_size)
+    writer = ResultsWriter(settings.run.results, SUITE, settings.run.variant, case_id, [m.id for m in modes])
+    records = []
+    for mode in modes:
+        record = layout_record(case_id, config_path, settings, mode, is_moe, tolerance, case_tolerance)
+        reason = settings.skip_reason(mode)
+        if reason:
+            record.update(status="skipped", reason=reason, resolved={}, metrics={})
+        else:
+            fill_record(record, run_layout(settings, config_path, mode, work))
+        writer.add(record)
+        records.append(record)
+    print_table(case_id, records)
+    return records

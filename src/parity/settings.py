@@ -1,0 +1,200 @@
+"""Every ``PARITY_*`` environment variable, read here and nowhere else.
+
+The nox sessions set most of these for the processes they start; a user sets the rest to steer a
+run by hand. Each one is declared once below with its default and meaning, the README's settings
+table is generated from the same list (a unit test holds the two together), and a malformed value
+is an error that names the variable instead of a stack trace three modules later.
+
+Values are read at call time, not import time: tests and launchers change them between runs.
+This module imports no torch (the sessions and the merge read it); :func:`device_and_dtype`
+imports torch only when called.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class SettingError(ValueError):
+    """A PARITY_* variable holds a value that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: str  # "str" | "float" | "int" | "bool" | "path" | "list"
+    default: str | None
+    meaning: str
+    who: str  # "user" (set it yourself) or "internal" (set by the sessions/launcher for children)
+
+
+_ALL = (
+    Setting("PARITY_RESULTS", "path", None, "results folder a suite writes its records into", "internal"),
+    Setting(
+        "PARITY_VARIANT", "str", "eager", "backend variant this process runs (eager, fa2, fa3)", "internal"
+    ),
+    Setting(
+        "PARITY_DEVICE",
+        "str",
+        None,
+        "device the suites run on (default: cuda when torch sees a GPU, else cpu)",
+        "user",
+    ),
+    Setting("PARITY_DTYPE", "str", None, "compute dtype (default: bfloat16 on cuda, float32 on cpu)", "user"),
+    Setting(
+        "PARITY_NPROC", "int", None, "ranks per e2e training run (default: GPUs visible, or 2 on CPU)", "user"
+    ),
+    Setting(
+        "PARITY_E2E_ATTN",
+        "str",
+        None,
+        "attention backend of the e2e trainings (default: parity_sdpa_with_sp on CPU, the variant's flash "
+        "backend on GPU)",
+        "user",
+    ),
+    Setting(
+        "PARITY_E2E_RUN_TIMEOUT_S",
+        "float",
+        "300",
+        "watchdog of one e2e training run (the e2e session sets it from --timeout)",
+        "internal",
+    ),
+    Setting("PARITY_E2E_HANG_TIMEOUT_S", "float", "60", "watchdog of the planted-hang control", "user"),
+    Setting(
+        "PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S",
+        "float",
+        None,
+        "per-case deadline inside the shared dummy_forward job",
+        "user",
+    ),
+    Setting(
+        "PARITY_DISABLE_DUMMY_FORWARD",
+        "bool",
+        "0",
+        "turn the dummy_forward hook off (the negative control: the asymmetric job must then fail)",
+        "user",
+    ),
+    Setting(
+        "PARITY_FAULT",
+        "list",
+        "",
+        "planted faults for negative controls: names from parity.harness.faults or module:function "
+        "specs, comma-separated; installed by each rank at start",
+        "user",
+    ),
+    Setting(
+        "PARITY_ATTN_ALLOW_SDPA_FALLBACK",
+        "bool",
+        "0",
+        "let parity's flash backends run sdpa where no flash kernel can (recorded as a fallback, which "
+        "the merge refuses)",
+        "user",
+    ),
+    Setting(
+        "PARITY_TOY_CONFIG_ROOT",
+        "path",
+        None,
+        "folder of <id>_toy/config.json toy configs (default: the repo's toy_config/)",
+        "user",
+    ),
+    Setting(
+        "PARITY_PG_TIMEOUT_S",
+        "float",
+        "300",
+        "process-group timeout of a rank (the launcher sets it)",
+        "internal",
+    ),
+    Setting(
+        "PARITY_RANK_TIMEOUT_S",
+        "float",
+        None,
+        "self-destruct deadline of a rank, with a stack dump (the launcher sets it)",
+        "internal",
+    ),
+    Setting(
+        "PARITY_STACK_DIR",
+        "path",
+        None,
+        "where each rank writes its stack dumps (the launcher sets it)",
+        "internal",
+    ),
+    Setting(
+        "PARITY_LAUNCH_ID", "str", None, "tags every process of one launch for the orphan sweep", "internal"
+    ),
+)
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in _ALL}
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def raw(name: str) -> str | None:
+    """The variable's text, or its default; unknown names are a programming error."""
+    setting = SETTINGS[name]
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return setting.default
+    return value
+
+
+def get(name: str) -> Any:
+    """The parsed value (None where unset and without default)."""
+    setting = SETTINGS[name]
+    text = raw(name)
+    if setting.kind == "bool":
+        word = (text or "").strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise SettingError(f"{name}={text!r}: expected one of 1/0, true/false, yes/no, on/off")
+    if setting.kind == "list":
+        return [part.strip() for part in (text or "").split(",") if part.strip()]
+    if text is None:
+        return None
+    if setting.kind in ("float", "int"):
+        try:
+            value = float(text) if setting.kind == "float" else int(text)
+        except ValueError:
+            raise SettingError(
+                f"{name}={text!r}: expected a{'n integer' if setting.kind == 'int' else ' number'}"
+            ) from None
+        if not value > 0:
+            raise SettingError(f"{name}={text!r}: must be positive")
+        return value
+    if setting.kind == "path":
+        return Path(text).expanduser()
+    return text
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """The one place that decides where and in what precision the suites compute.
+
+    cuda when torch sees a GPU (bf16 there), else cpu in fp32; ``PARITY_DEVICE`` and ``PARITY_DTYPE``
+    override either.
+    """
+    import torch
+
+    device = torch.device(get("PARITY_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = get("PARITY_DTYPE") or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SettingError(f"PARITY_DTYPE={dtype_name!r} is not a torch dtype (use float32 or bfloat16)")
+    return device, dtype
+
+
+def markdown_table() -> str:
+    """The README's settings table (kept identical to it by a unit test)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for s in _ALL:
+        default = f"`{s.default}`" if s.default not in (None, "") else "unset"
+        who = " (set by parity for its child processes)" if s.who == "internal" else ""
+        lines.append(f"| `{s.name}` | {default} | {s.meaning}{who} |")
+    return "\n".join(lines)
