@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from parity import settings
-from parity.harness import toy
+from parity.harness import evidence, toy
 from parity.harness.backend_trace import trace_backends
 from parity.harness.batches import packed_batch
 from parity.harness.fingerprint import fingerprint
@@ -77,22 +77,73 @@ def _parity_backends() -> tuple[Any, Any]:
     return attention, moe
 
 
-def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> dict[str, Any]:
-    """Build, forward, backward; return requested/resolved backends and the metrics."""
+#: Packed sample lengths: several samples per row, none a multiple of 64 or 128 (flash tiles), so
+#: every kernel sees partial tiles and sample borders inside a tile. On a GPU the row spans several
+#: tiles of every kernel (2271 tokens); on CPU it stays short (160 tokens, as many samples).
+SEQ_LENS = {"cuda": (773, 1109, 389), "cpu": (61, 45, 54)}
+#: Attention temperature multiplier applied to the ``scaling`` of attention modules without qk-norm
+#: (the factor every backend receives): at initialisation their attention is almost uniform
+#: (logit std ~0.1), which hides masking and position bugs; x8 gives logit std ~1. Attention with
+#: qk-norm (qwen3 family) already has logit std ~1 and is left alone: sharper still, bf16 rounding
+#: of q and k moves the softmax so much that HF eager itself lands 20-100% away from fp32 and no
+#: bug is visible above that (measured on the H200).
+ATTENTION_SHARPNESS = 8.0
+
+
+def seq_lens_for(device: torch.device) -> tuple[int, ...]:
+    return SEQ_LENS["cuda" if device.type == "cuda" else "cpu"]
+
+
+def sharpen_attention(model: torch.nn.Module, factor: float | None = None) -> int:
+    """Multiply the ``scaling`` of every attention module without qk-norm; return how many changed.
+
+    Applied identically in every mode (same weights, same batch), so it changes the question only
+    in one way: attention now depends strongly on which keys each query may see.
+    """
+    factor = ATTENTION_SHARPNESS if factor is None else factor
+    changed = 0
+    for module in model.modules():
+        scaling = getattr(module, "scaling", None)
+        if not (type(module).__name__.endswith("Attention") and isinstance(scaling, float)):
+            continue
+        if "q_norm" in module._modules or "k_norm" in module._modules:
+            continue
+        module.scaling = scaling * factor
+        changed += 1
+    return changed
+
+
+def _round_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round fp32 weights to ``dtype`` and back: the fp32 truth runs on exactly the half-precision
+    run's weights, so the two differ by compute rounding only, not by weight rounding."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point() and tensor.dtype == torch.float32:
+                tensor.copy_(tensor.to(dtype).to(torch.float32))
+
+
+def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[str, Any], evidence.Evidence]:
+    """Build, forward, backward; return (requested/resolved backends and metrics, the tensors)."""
     attention = moe = None
     if mode.modeling_backend == "parity":
         attention, moe = _parity_backends()
         attention.reset_kernel_log()
         moe.reset_kernel_log()
+    dtype = getattr(torch, mode.dtype) if mode.dtype else settings.dtype
     model = toy.build_model(
         config,
         attn_implementation=mode.attn_implementation,
         experts_implementation=mode.moe_implementation,
-        dtype=settings.dtype,
+        dtype=dtype,
         device=settings.device,
         seed=SEED,
     )
-    batch = packed_batch(config, seed=DATA_SEED, model=model).to(settings.device, settings.dtype)
+    sharpened = sharpen_attention(model)
+    batch = packed_batch(config, seq_lens=seq_lens_for(settings.device), seed=DATA_SEED, model=model)
+    if mode.dtype is not None and settings.dtype != dtype:
+        _round_to(model, settings.dtype)  # the truth: same (rounded) weights and inputs, fp32 compute
+        batch = batch.to(settings.device, settings.dtype)
+    batch = batch.to(settings.device, dtype)
     start = time.perf_counter()
     with trace_backends() as trace:
         out = model(**batch.inputs, use_cache=False)
@@ -102,6 +153,7 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> dict[str, A
     if settings.device.type == "cuda":
         torch.cuda.synchronize(settings.device)
     elapsed = time.perf_counter() - start
+    tensors = evidence.collect(model, out.logits, batch.inputs["labels"])
     resolved = {"attn_implementation": trace.resolved("attention")}
     if mode.moe_implementation is not None:
         resolved["moe_implementation"] = trace.resolved("experts")
@@ -116,10 +168,16 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> dict[str, A
             "grad_norm": grad_norm,
             "wall_s": round(elapsed, 4),
         },
+        "inputs": {
+            "seq_lens": list(batch.seq_lens),
+            "tokens": int(batch.inputs["input_ids"].numel()),
+            "attention_sharpness": ATTENTION_SHARPNESS,
+            "sharpened_modules": sharpened,
+        },
     }
     del model, out, loss, batch
     _release(settings.device)
-    return result
+    return result, tensors
 
 
 def run_case(
@@ -137,6 +195,13 @@ def run_case(
     run; a mode this device or dtype cannot run is recorded as skipped.
     """
     modes = list(modes)
+    if settings.dtype_name != "float32" and modes:
+        # half precision: measure every mode from an fp32 run of the reference (same weights, batch)
+        ref = modes[0]
+        modes = [
+            ModelMode(ref.modeling_backend, ref.attn_implementation, ref.moe_implementation, "float32"),
+            *modes,
+        ]
     case_tolerance = tolerance
     tolerance = effective_tolerance(tolerance, settings.dtype_name)
     path = toy.config_path(config_path)
@@ -144,8 +209,13 @@ def run_case(
     env = fingerprint(
         device=settings.device, dtype=settings.dtype, seed=SEED, config_hash=toy.config_hash(path)
     )
-    writer = ResultsWriter(settings.results, SUITE, settings.variant, case_id, [m.id for m in modes])
+    order = [m.id for m in modes]
+    if modes and modes[0].dtype is not None:  # the merge's reference stays the first run-dtype mode
+        order = [order[1], order[0], *order[2:]]
+    writer = ResultsWriter(settings.results, SUITE, settings.variant, case_id, order)
     records = []
+    truth: evidence.Evidence | None = None
+    truth_id = modes[0].id if modes else None
     for mode in modes:
         requested = {"attn_implementation": mode.attn_implementation}
         if mode.moe_implementation:
@@ -179,8 +249,16 @@ def run_case(
             continue
         print(f"[parity] {settings.variant} {case_id} {mode.id} ...", flush=True)
         try:
-            ran = run_mode(config, mode, settings)
-            record = make_record(status="ok", resolved=ran["resolved"], metrics=ran["metrics"], **common)
+            ran, tensors = run_mode(config, mode, settings)
+            extra: dict[str, Any] = {"inputs": ran["inputs"], "fingerprints": tensors.fingerprints()}
+            if mode.id == truth_id:
+                truth = tensors
+            elif truth is not None:
+                extra["evidence"] = {"against": truth_id, **evidence.compare(tensors, truth)}
+            del tensors
+            record = make_record(
+                status="ok", resolved=ran["resolved"], metrics=ran["metrics"], **common, **extra
+            )
             m = record["metrics"]
             print(
                 f"[parity]   loss={m['loss']:.8g} grad_norm={m['grad_norm']:.8g} ({m['wall_s']:.2f}s)",
@@ -192,4 +270,6 @@ def run_case(
             _release(settings.device)
         writer.add(record)
         records.append(record)
+    del truth
+    _release(settings.device)
     return records

@@ -1,6 +1,6 @@
 """Merge every record under a results folder into one verdict.
 
-    python -m parity.results.merge --results results/ [--suite patch] [--models qwen3 ...] [--require fa2 ...]
+    python -m parity.merge --results results/ [--suite patch] [--models qwen3 ...] [--require fa2 ...]
 
 Exit codes: 0 every comparison within tolerance; 1 a tolerance breach or a mode that raised;
 2 the evidence is incomplete or untrustworthy (missing or invalid records, a required variant that
@@ -19,8 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parity.results.compare import deviation, resolution_mismatch, vacuity
-from parity.results.records import RecordError, ResultsFile, RunManifest, Tolerance, load_any, write_json_atomic
+from parity.results.compare import (
+    deviation,
+    evidence_checks,
+    mode_evidence_problems,
+    resolution_mismatch,
+    roles,
+    vacuity,
+)
+from parity.results.records import (
+    RecordError,
+    ResultsFile,
+    RunManifest,
+    Tolerance,
+    load_any,
+    write_json_atomic,
+)
 
 EXIT_OK, EXIT_BREACH, EXIT_INVALID = 0, 1, 2
 SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
@@ -40,6 +54,8 @@ class Row:
     max_abs: str = ""
     max_rel: str = ""
     tolerance: str = ""
+    worst: str = ""  # the per-tensor check with the largest observed / allowed
+    ratio: str = ""  # that check's observed / allowed
     verdict: str = ""
     detail: str = ""
 
@@ -48,6 +64,7 @@ class Row:
 class Report:
     rows: list[Row] = field(default_factory=list)
     problems: list[tuple[int, str]] = field(default_factory=list)  # (exit code, message)
+    files: list[ResultsFile] = field(default_factory=list)  # what was compared (for --detail)
 
     def fail(self, code: int, message: str) -> None:
         self.problems.append((code, message))
@@ -113,6 +130,7 @@ def merge(
         report.fail(EXIT_INVALID, f"no parity records under {results}{where}")
         return report
 
+    report.files = files
     by_key = {(f.suite, f.variant, f.model): f for f in files}
     _check_manifests(report, manifests, by_key, models, require or [])
     references: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = defaultdict(list)
@@ -176,6 +194,7 @@ def _check_file(report: Report, f: ResultsFile) -> dict[str, Any] | None:
     ref_id = f.expected_modes[0]
     ref = recs.get(ref_id)
     ref_ok = ref is not None and ref["status"] == "ok"
+    truth = next((r for r in f.records if r["mode"].get("role") == "truth"), ref)
 
     hashes = {r["fingerprint"].get("config_hash") for r in f.records}
     if len(hashes) > 1:
@@ -193,7 +212,8 @@ def _check_file(report: Report, f: ResultsFile) -> dict[str, Any] | None:
             row.verdict, row.detail = rec["status"].upper(), str(rec["reason"])
             if mode_id == ref_id:
                 report.fail(
-                    EXIT_INVALID, f"{label}: the reference mode {mode_id} was {rec['status']}: {rec['reason']}"
+                    EXIT_INVALID,
+                    f"{label}: the reference mode {mode_id} was {rec['status']}: {rec['reason']}",
                 )
             continue
         if rec["status"] == "error":
@@ -212,6 +232,17 @@ def _check_file(report: Report, f: ResultsFile) -> dict[str, Any] | None:
         if dead:
             row.verdict, row.detail = "DEAD", dead
             report.fail(EXIT_INVALID, f"{label} mode {mode_id}: dead run, nothing to compare: {dead}")
+            continue
+        ev_problems, worst = mode_evidence_problems(rec, ref, truth)
+        if worst is not None:
+            row.worst, row.ratio = worst.name, f"{worst.ratio:.3g}"
+        if ev_problems:
+            row.verdict, row.detail = "FAIL", ev_problems[0]
+            for problem in ev_problems:
+                report.fail(EXIT_BREACH, f"{label} mode {mode_id}: {problem}")
+            continue
+        if rec["mode"].get("role") == "truth":
+            row.verdict, row.detail = "TRUTH", "fp32 run of the reference: what errors are measured from"
             continue
         if mode_id == ref_id:
             row.verdict, row.detail = "REF", "reference"
@@ -288,9 +319,33 @@ COLUMNS = (
     "max_abs",
     "max_rel",
     "tolerance",
+    "worst",
+    "ratio",
     "verdict",
     "detail",
 )
+
+
+def render_detail(results: Path, files: list[ResultsFile]) -> str:
+    """Every per-tensor comparison of every mode: observed, allowed, ratio (``--detail``)."""
+    lines = []
+    for f in files:
+        ref, truth = roles(f.records)
+        for rec in f.records:
+            if rec.get("status") != "ok" or "evidence" not in rec:
+                continue
+            checks, structural = evidence_checks(rec, ref, truth)
+            lines.append(
+                f"{f.suite}({f.variant}) {f.model} {rec['mode']['id']} vs {rec['evidence'].get('against')}"
+            )
+            lines += [f"    STRUCTURAL {s}" for s in structural]
+            for c in sorted(checks, key=lambda c: -c.ratio):
+                verdict = "ok " if c.ok else "BAD"
+                lines.append(
+                    f"    {verdict} {c.name:<64} observed {c.observed:<10.3g} "
+                    f"allowed {c.allowed:<10.3g} ratio {c.ratio:.3g}"
+                )
+    return "\n".join(lines)
 
 
 def render_table(rows: list[Row]) -> str:
@@ -324,7 +379,7 @@ def write_summary(report: Report, results: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parity.results.merge", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m parity.merge", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--results", type=Path, default=Path("results"), help="results folder (default: results/)"
     )
@@ -333,11 +388,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--require", action="append", default=[], help="fail (exit 2) if this variant was skipped"
     )
+    parser.add_argument(
+        "--detail",
+        action="store_true",
+        help="also list every tensor of every mode (observed, allowed, ratio)",
+    )
     args = parser.parse_args(argv)
 
     report = merge(args.results, suites=args.suite, models=args.models, require=args.require)
     if report.rows:
         print(render_table(report.rows))
+    if args.detail and report.files:
+        print("\n" + render_detail(args.results, report.files))
     if args.results.is_dir() and (report.rows or report.problems):
         write_summary(report, args.results)
         print(f"\nsummary: {args.results / SUMMARY_JSON}, {args.results / SUMMARY_MD}")

@@ -48,6 +48,7 @@ FLASH_ONLY = (
 
 REFERENCE_ATTENTION = "eager"
 REFERENCE_EXPERTS = "eager"
+DTYPE_TAGS = {"float32": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,16 @@ class ModelMode:
     modeling_backend: str  # "hf" (transformers as shipped) or "parity" (parity's patched backend)
     attn_implementation: str
     moe_implementation: str | None = None  # None for dense models
+    #: None: the run's dtype. "float32": the fp32 truth a half-precision run is measured against.
+    dtype: str | None = None
 
     @property
     def id(self) -> str:
         parts = [self.modeling_backend, f"attn-{self.attn_implementation}"]
         if self.moe_implementation is not None:
             parts.append(f"moe-{self.moe_implementation}")
+        if self.dtype is not None:
+            parts.append(DTYPE_TAGS.get(self.dtype, self.dtype))
         return "_".join(parts)
 
     def __str__(self) -> str:
@@ -74,12 +79,18 @@ class ModelMode:
             "modeling_backend": self.modeling_backend,
             "attn_implementation": self.attn_implementation,
             "moe_implementation": self.moe_implementation,
+            **({"dtype": self.dtype, "role": "truth"} if self.dtype is not None else {}),
         }
 
 
 def reference_mode(is_moe: bool) -> ModelMode:
     """HF eager attention (and eager experts): the slowest, most literal implementation."""
     return ModelMode("hf", REFERENCE_ATTENTION, REFERENCE_EXPERTS if is_moe else None)
+
+
+def truth_mode(is_moe: bool) -> ModelMode:
+    """The reference mode in float32: what a half-precision run's errors are measured from."""
+    return ModelMode("hf", REFERENCE_ATTENTION, REFERENCE_EXPERTS if is_moe else None, dtype="float32")
 
 
 def hf_modes(variant: str, is_moe: bool) -> list[ModelMode]:

@@ -233,7 +233,8 @@ def validate_record(path: Path, record: Any, index: int) -> dict[str, Any]:
         raise RecordError(f"{where}: field 'mode' must be an object with a string 'id'")
     if record["status"] not in MODE_STATUSES:
         raise RecordError(
-            f"{where} ({mode['id']}): status must be one of {', '.join(MODE_STATUSES)}, got {record['status']!r}"
+            f"{where} ({mode['id']}): status must be one of {', '.join(MODE_STATUSES)}, "
+            f"got {record['status']!r}"
         )
     if record["status"] in ("skipped", "unsupported") and not record.get("reason"):
         raise RecordError(f"{where} ({mode['id']}): a {record['status']} mode must say why ('reason')")

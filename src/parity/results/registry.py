@@ -324,7 +324,8 @@ def problems() -> list[str]:
     for model_id in known_models():
         if model_id not in registered:
             found.append(
-                f"{toy_root() / (model_id + SUFFIX)} has no entry in {_registry_path()}: add a [{model_id}] table"
+                f"{toy_root() / (model_id + SUFFIX)} has no entry in {_registry_path()}: "
+                f"add a [{model_id}] table"
             )
     for model_id in sorted(registered):
         try:

@@ -1,0 +1,119 @@
+"""Per-tensor evidence: what one forward+backward produced, and how far it is from another run.
+
+Two scalars (loss, total grad norm) cannot see most real bugs: swapping two experts' gradients
+leaves both unchanged, a router without gradient moves the norm by a rounding error. So every mode
+keeps, while it runs, the logits at the label positions and every parameter's gradient, and is
+compared with the reference tensor by tensor (relative error ``|g - g_ref| / |g_ref|`` and max
+abs). Full tensors never leave the process; the records carry numbers and a compact fingerprint per
+tensor (its norm and its projections on a few fixed pseudo-random sign vectors), which a
+permutation or a sign flip changes and which the torch-free merge can compare across environments.
+
+The sign vectors are a hash of the element index (no RNG state, no device dependence), so a CPU run
+and a GPU run of the same model project onto the same vectors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: Projections per tensor in a fingerprint (besides the norm).
+PROBES = 3
+_MULT = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)
+
+
+def _signs(numel: int, probe: int, device: torch.device) -> torch.Tensor:
+    """±1 vector from an integer hash of the index: identical on every device and torch version."""
+    idx = torch.arange(numel, device=device, dtype=torch.int64)
+    h = (idx * _MULT[probe % len(_MULT)] + (probe + 1) * 0x27D4EB2F) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h = h ^ (h >> 12)
+    return ((h & 1) * 2 - 1).to(torch.float32)
+
+
+def fingerprint(t: torch.Tensor | None) -> list[float] | None:
+    """[norm, p_1, ..., p_k]: norm plus projections on k fixed sign vectors (fp64 accumulate)."""
+    if t is None:
+        return None
+    flat = t.detach().reshape(-1).to(torch.float32)
+    values = [float(flat.double().norm())]
+    for probe in range(PROBES):
+        values.append(float((flat * _signs(flat.numel(), probe, flat.device)).double().sum()))
+    return values
+
+
+@dataclass
+class Evidence:
+    """The tensors of one run, kept in fp32 on the run's device while the case runs."""
+
+    logits: torch.Tensor  # [N, V] at the label positions
+    grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+    def fingerprints(self) -> dict[str, Any]:
+        return {
+            "logits": fingerprint(self.logits),
+            "grads": {name: fingerprint(g) for name, g in self.grads.items()},
+        }
+
+
+def collect(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> Evidence:
+    """Logits where a label is predicted (HF's shift: position i predicts label i + 1) and grads."""
+    shifted = labels[..., 1:]
+    keep = shifted != -100
+    picked = logits[..., :-1, :][keep].detach().to(torch.float32).clone()
+    grads = {
+        name: (p.grad.detach().to(torch.float32).clone() if p.grad is not None else None)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    return Evidence(picked, grads)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(|a - b| / |b|, max |a - b|, |b|)."""
+    diff = (a - b).double()
+    ref = float(b.double().norm())
+    norm = float(diff.norm())
+    rel = norm / ref if ref > 0 else (0.0 if norm == 0 else math.inf)
+    return rel, float(diff.abs().max()) if diff.numel() else 0.0, ref
+
+
+def compare(run: Evidence, ref: Evidence) -> dict[str, Any]:
+    """Tensor-by-tensor distance of ``run`` from ``ref``, as JSON-ready numbers.
+
+    ``tensors[name] = [relative error, max abs error, |g_ref|]`` for every gradient both have.
+
+    A parameter whose gradient is None in one run and not in the other is listed (it is a failure
+    whatever the numbers say: the backend cut the graph, or grew an edge the reference lacks).
+    """
+    out: dict[str, Any] = {"tensors": {}, "grad_missing": [], "grad_unexpected": []}
+    if run.logits.shape == ref.logits.shape:
+        rel, max_abs, norm = _rel(run.logits, ref.logits)
+        out["logits"] = {"rel": rel, "max_abs": max_abs, "ref_norm": norm}
+    else:
+        out["logits"] = {
+            "rel": math.inf,
+            "max_abs": math.inf,
+            "shape": [list(run.logits.shape), list(ref.logits.shape)],
+        }
+    for name, g_ref in ref.grads.items():
+        g = run.grads.get(name)
+        if name not in run.grads:
+            out["grad_missing"].append(name)
+        elif g is None and g_ref is not None:
+            out["grad_missing"].append(name)
+        elif g is not None and g_ref is None:
+            out["grad_unexpected"].append(name)
+        elif g is not None and g_ref is not None:
+            if g.shape != g_ref.shape:
+                out["tensors"][name] = [math.inf, math.inf, float(g_ref.double().norm())]
+            else:
+                out["tensors"][name] = list(_rel(g, g_ref))
+    for name in run.grads:
+        if name not in ref.grads:
+            out["grad_unexpected"].append(name)
+    return out
