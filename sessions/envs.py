@@ -265,6 +265,7 @@ def prepare(
     house.mkdir(parents=True, exist_ok=True)
     names = ", ".join(str(f.relative_to(REQUIREMENTS.parent)) for f in requirement_files)
     installed: dict[str, str] = {}
+    fresh_own: list[str] = []
     account = f"reusing env {location} ({env_kind}, install spec {spec.split(':')[1]})"
     if previous.get("spec") != spec:
         marker.unlink(missing_ok=True)
@@ -273,10 +274,7 @@ def prepare(
         if on_image:
             dirs = _link_image(session)
             account = f"built env {location} on the image's packages ({dirs})"
-            if own:  # what the variant adds beyond flash, from the wheelhouse only
-                errors = _pip(session, "--no-index", "--find-links", str(house), *own)
-                if errors:
-                    raise InstallFailed(f"pip could not install {', '.join(own)} from {house}: {errors[0]}")
+            fresh_own = own
         else:
             generated = location / GENERATED_REQUIREMENTS
             generated.write_text("\n".join(pip_lines) + "\n")
@@ -301,6 +299,13 @@ def prepare(
         for dist in flash:
             installed[dist] = _install_flash(session, dist, facts, variant, on_image, installed.get(dist))
             account += f"; {dist} <- {installed[dist]}"
+    if fresh_own:  # what the variant adds beyond flash: the image's, else the wheelhouse's (no index)
+        errors = _pip(session, "--no-index", "--find-links", str(house), *fresh_own)
+        if errors:
+            raise InstallFailed(
+                f"{variant or 'env'}: {', '.join(fresh_own)} is neither in the image nor in the wheelhouse "
+                f"{house} ({errors[0]}); add its wheel there"
+            )
     marker.write_text(json.dumps({"spec": spec, "kind": env_kind, "wheels": installed}) + "\n")
     return account
 

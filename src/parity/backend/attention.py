@@ -473,6 +473,16 @@ _VARLEN_FNS: dict[str, VarlenFn] = {
 }
 
 
+def _device_problems(q: torch.Tensor) -> list[str]:
+    """Why no FlashAttention kernel (of any library) can take these inputs: CUDA and half precision."""
+    problems = []
+    if not q.is_cuda:
+        problems.append(f"it needs a CUDA device (got {q.device.type})")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        problems.append(f"it needs float16/bfloat16 (got {str(q.dtype).removeprefix('torch.')})")
+    return problems
+
+
 def _fallback_allowed() -> bool:
     from parity import settings
 
@@ -489,11 +499,7 @@ def _resolve_kernel(backend: str, q: torch.Tensor) -> tuple[str, VarlenFn | None
     library = kernel_choice()[backend]
     if library == TORCH_SDPA:
         return TORCH_SDPA, None
-    problems = []
-    if not q.is_cuda:
-        problems.append(f"it needs a CUDA device (got {q.device.type})")
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        problems.append(f"it needs float16/bfloat16 (got {str(q.dtype).removeprefix('torch.')})")
+    problems = _device_problems(q)
     missing = _library_problem(library)
     if missing:
         problems.append(missing)
