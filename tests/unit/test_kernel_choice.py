@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,8 @@ from parity.results.modes import (  # noqa: E402
     variant_kernels,
 )
 from parity.results.records import Tolerance, make_record  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _per_sequence(q, k, v, cu, causal, scale):
@@ -218,3 +221,22 @@ def test_hf_flash_attention_2_routed_to_a_hub_kernel_fails_the_provider_check(tm
     mismatch = resolution_mismatch(record) or ""
     assert f"kernel_provider: requested 'flash_attn', ran 'hub:{REPO}'" in mismatch
     assert f"attn_implementation: requested 'flash_attention_2', ran '{REPO}'" in mismatch
+
+
+def test_e2e_ranks_get_the_variant_library_explicitly():
+    """Every training rank is told the library (``--attn-kernel``): nothing is left to its imports."""
+    from parity.harness.e2e_runner import E2ESettings
+    from parity.training.train import parse_args
+
+    def kernel(variant: str, attn: str) -> str | None:
+        run = RunSettings(variant, torch.device("cuda"), torch.bfloat16, ROOT)
+        return E2ESettings(run=run, nproc=1, attn=attn).kernel
+
+    assert kernel("eager", PARITY_FA2) == "torch.varlen_attn"
+    assert kernel("fa2", PARITY_FA2) == "flash_attn"
+    assert kernel("fa3", PARITY_FA3) == "flash_attn_interface"
+    assert kernel("eager", "parity_sdpa_with_sp") == "torch.sdpa"
+    cfg = parse_args(
+        ["--config", "qwen3", "--out", "x", "--attn", PARITY_FA2, "--attn-kernel", "torch.varlen_attn"]
+    )
+    assert (cfg.attn, cfg.attn_kernel) == (PARITY_FA2, "torch.varlen_attn")
