@@ -156,8 +156,16 @@ def env_facts(session: nox.Session, gpu_arch: str | None, names: list[str]) -> w
 
 
 def image_site_dirs() -> list[str]:
-    """The site-packages folders of the interpreter running nox (the image's packages)."""
-    return [d for d in site.getsitepackages() if Path(d).is_dir()]
+    """The site-packages folders of the interpreter running nox (the image's packages).
+
+    ``site.getsitepackages()`` plus any site folder already on its ``sys.path`` (an image venv created
+    with system site packages, or folders its own .pth files add), in the interpreter's order.
+    """
+    found: list[str] = []
+    for d in [*site.getsitepackages(), *sys.path]:
+        if d and Path(d).name in ("site-packages", "dist-packages") and Path(d).is_dir() and d not in found:
+            found.append(d)
+    return found
 
 
 def pth_text(dirs: list[str]) -> str:
