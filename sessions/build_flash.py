@@ -32,6 +32,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterable
@@ -672,6 +673,10 @@ def run_build_flash(session: nox.Session) -> None:
         "FLASH_ATTN_LOCAL_VERSION": label,
         "TORCH_CUDA_ARCH_LIST": f"{arch[:-1]}.{arch[-1]}",
         "CUDA_HOME": str(Path(nvcc).parent.parent),  # the toolkit find_cuda_home() checked
+        # ninja (torch's parallel build) from the env, the image or the system
+        "PATH": os.pathsep.join(
+            [*(session.bin_paths or []), str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+        ),
     }
     cmd = [
         envs.python_path(session),
