@@ -77,7 +77,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 MODULE = "parity.harness.checks.dummy_forward_check"
 
-
 def _cases(family: str, batch: Callable) -> list:
     """The registry's VLM (or Omni) models, in the seed's shape: id, toy dir, batch builder."""
     return [
