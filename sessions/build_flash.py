@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -547,7 +548,11 @@ def _fetch_sdist(session: nox.Session, target: Target, work: Path) -> Path:
 def _stream_build(
     cmd: list[str], cwd: Path, env: dict[str, str], log: Path, timeout: float | None
 ) -> tuple[int, float, list[str]]:
-    """Run the build, every line into ``log``, ninja's [n/m] steps as progress; (exit code, seconds, tail)."""
+    """Run the build, every line into ``log``, ninja's [n/m] steps as progress; (exit code, seconds, tail).
+
+    ``timeout`` kills the whole build (its own session: pip, setup.py, ninja, nvcc) even while it is
+    silent, so a bounded run stays bounded.
+    """
     start = time.monotonic()
     tail: list[str] = []
     with log.open("w") as out:
@@ -561,23 +566,28 @@ def _stream_build(
             start_new_session=True,
         )
         assert proc.stdout is not None
+        timer = None
+        if timeout:
+            timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
+            timer.start()
         try:
             for line in proc.stdout:
                 out.write(line)
                 tail = (tail + [line.rstrip()])[-15:]
-                step = re.match(r"^\[(\d+)/(\d+)\]", line)
+                step = re.match(r"^\s*\[(\d+)/(\d+)\]", line)  # pip -v indents the build output
                 if step:
                     print(
                         f"build_flash: [{step.group(1)}/{step.group(2)}] {time.monotonic() - start:5.0f}s",
                         flush=True,
                     )
-                if timeout and time.monotonic() - start > timeout:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    tail.append(f"stopped after {timeout:g} s (--timeout)")
-                    break
         finally:
             code = proc.wait()
-    return code, time.monotonic() - start, tail
+            if timer is not None:
+                timer.cancel()
+    seconds = time.monotonic() - start
+    if timeout and seconds >= timeout:
+        tail.append(f"stopped after {timeout:g} s (--timeout)")
+    return code, seconds, tail
 
 
 def run_build_flash(session: nox.Session) -> None:
@@ -614,7 +624,7 @@ def run_build_flash(session: nox.Session) -> None:
 
     house = wheelhouse.location()
     house.mkdir(parents=True, exist_ok=True)
-    scratch = ROOT / ".nox" / "build_flash"
+    scratch = ROOT / ".nox" / "flash-build"  # sources and build trees (.nox/build_flash is the env)
     source = args.source
     if source is None:
         if target.name == "fa3":
@@ -667,7 +677,7 @@ def run_build_flash(session: nox.Session) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
-        **session.env,
+        **{k: v for k, v in session.env.items() if v is not None},  # nox marks unset variables with None
         **plan["flags"],
         "MAX_JOBS": str(plan["jobs"]),
         "FLASH_ATTN_LOCAL_VERSION": label,

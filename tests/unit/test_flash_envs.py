@@ -403,3 +403,102 @@ def test_cached_wheel_is_found_by_its_key(tmp_path):
     assert build_flash.cached_wheel(tmp_path, key) is None
     wheel = plant(tmp_path, "flash_attn_3-3.0.0-cp310-abi3-linux_x86_64.whl", {"key": key})
     assert build_flash.cached_wheel(tmp_path, key) == wheel
+
+
+def test_build_output_is_logged_with_progress_and_a_silent_build_is_stopped(tmp_path, capsys):
+    log = tmp_path / "build.log"
+    steps = "print('[1/2] nvcc a.cu'); print('[2/2] nvcc b.cu')"
+    code, _, _ = build_flash._stream_build(
+        [sys.executable, "-c", steps], tmp_path, dict(os.environ), log, None
+    )
+    assert code == 0 and "[2/2] nvcc b.cu" in log.read_text()
+    assert "build_flash: [2/2]" in capsys.readouterr().out
+    silent = "import time; print('[1/9] nvcc a.cu', flush=True); time.sleep(120)"
+    code, seconds, tail = build_flash._stream_build(
+        [sys.executable, "-c", silent], tmp_path, dict(os.environ), log, 2
+    )
+    assert code != 0 and seconds < 60 and tail[-1] == "stopped after 2 s (--timeout)"
+
+
+PLANTED_SETUP = """
+import os
+from setuptools import setup
+
+flags = {k: v for k, v in os.environ.items() if k.startswith(("FLASH_ATTENTION_", "MAX_JOBS", "TORCH_CUDA"))}
+with open("flash_attn_interface.py", "w") as f:
+    f.write(f"BUILT_WITH = {flags!r}\\n")
+print("[1/2] nvcc planted_fwd.cu", flush=True)
+print("[2/2] nvcc planted_bwd.cu", flush=True)
+version = "3.0.0+" + os.environ["FLASH_ATTN_LOCAL_VERSION"]
+setup(name="flash_attn_3", version=version, py_modules=["flash_attn_interface"])
+"""
+
+
+def test_build_flash_builds_records_and_then_finds_its_wheel_in_the_cache(tmp_path):
+    """The real build path with a planted FA3 source (a pure setup.py) and a planted CUDA toolkit.
+
+    The test interpreter's torch is a CPU build; a sitecustomize planted on PYTHONPATH gives it a CUDA
+    version, and dist-info folders stand for ninja and wheel, so the session's checks pass as on a GPU
+    image. Everything after them (unpack, flags, pip wheel, progress, log, sidecar, cache) is the real code.
+    """
+    source = tmp_path / "flash-attention"
+    (source / "hopper").mkdir(parents=True)
+    (source / "hopper" / "setup.py").write_text(PLANTED_SETUP)
+    cuda = tmp_path / "cuda"
+    (cuda / "bin").mkdir(parents=True)
+    (cuda / "include").mkdir()
+    (cuda / "include" / "cuda_runtime.h").write_text("")
+    (cuda / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    (cuda / "bin" / "nvcc").chmod(0o755)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "sitecustomize.py").write_text("import torch\ntorch.version.cuda = '13.0'\n")
+    for dist in ("ninja-1.13.0", "wheel-0.48.0"):
+        (planted / f"{dist}.dist-info").mkdir()
+        name, version = dist.split("-")
+        (planted / f"{dist}.dist-info" / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        )
+    house = tmp_path / "house"
+    env = {
+        "PARITY_WHEELHOUSE": str(house),
+        "CUDA_HOME": str(cuda),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(planted), os.environ.get("PYTHONPATH")) if p),
+    }
+    args = (
+        "--no-venv",
+        "-s",
+        "build_flash",
+        "--",
+        "fa3",
+        "--source",
+        str(source),
+        "--arch",
+        "90",
+        "--jobs",
+        "3",
+    )
+    proc = _nox(tmp_path, *args, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "build_flash: [2/2]" in out
+    (wheel,) = house.glob("flash_attn_3-3.0.0+cu130torch2.*sm90.k*-py3-none-any.whl")
+    flags = json.loads(wheel.with_name(wheel.name + ".json").read_text())
+    assert flags["flags"]["FLASH_ATTENTION_DISABLE_HDIM128"] == "TRUE" and flags["head_dims"] == [64]
+    assert flags["nvcc"] == "13.0" and flags["archs"] == ["90"] and flags["jobs"] == 3
+    assert "[2/2] nvcc planted_bwd.cu" in Path(flags["log"]).read_text()
+    with zipfile.ZipFile(wheel) as zf:
+        built_with = zf.read("flash_attn_interface.py").decode()
+    assert "'FLASH_ATTENTION_DISABLE_HDIM128': 'TRUE'" in built_with and "'MAX_JOBS': '3'" in built_with
+    assert "'TORCH_CUDA_ARCH_LIST': '9.0'" in built_with
+
+    again = _nox(tmp_path, *args, env=env)
+    assert (
+        f"build_flash fa3: cached: {wheel} (key {flags['key']}); nothing to build"
+        in again.stdout + again.stderr
+    )
+    here = sys.version_info[:2]
+    assert (
+        wheelhouse.resolve("flash-attn-3", gpu_facts(here, torch=flags["torch"]), [house]).wheel.path == wheel
+    )
+    assert wheelhouse.resolve("flash-attn-3", gpu_facts(here, torch="2.9.0+cu130"), [house]).wheel is None
