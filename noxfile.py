@@ -5,7 +5,10 @@
     nox -s "patch(eager)" -- qwen3          one variant
     nox -s e2e -- qwen3 qwen3_moe           FSDP2 + sp/ep training parity
     nox -s merge -- --results results/      merge any results folder
-    nox --no-venv -s patch -- qwen3         GPU images: use the current interpreter, install nothing
+    nox --no-venv -s patch -- qwen3         GPU images: every variant in the current interpreter
+    PARITY_SYSTEM_SITE=1 python3 -m nox -s patch
+                                            GPU images: one env per variant on the image's packages
+    nox -s build_flash -- fa3 --source TREE a FlashAttention wheel for this GPU, into the wheelhouse
 
 The session bodies live in sessions/; this file only declares them.
 """
@@ -19,6 +22,7 @@ import nox
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from sessions import build_flash as flash_build  # noqa: E402
 from sessions import e2e as e2e_suite  # noqa: E402
 from sessions import suites, vlm  # noqa: E402
 from sessions.variants import VARIANTS  # noqa: E402
@@ -92,6 +96,22 @@ def bench(session: nox.Session) -> None:
     Skipped without a CUDA GPU.
     """
     suites.run_bench(session)
+
+
+@nox.session(reuse_venv=True, default=False)
+def build_flash(session: nox.Session) -> None:
+    """Build a FlashAttention wheel for the GPU present into the wheelhouse (cached), for the fa2/fa3 envs.
+
+    Usage: nox -s build_flash -- fa2|fa3 [--source PATH] [--jobs N] [--arch 90] [--dry-run] [--force]
+                                 [--full] [--timeout S]
+    Sized to this GPU's arch, the registry's head dims and the suites' dtype (FA3: its
+    FLASH_ATTENTION_DISABLE_* switches; FA2: FLASH_ATTN_CUDA_ARCHS and only the kernel files in use,
+    --full for all). FA2 builds the PyPI sdist unless --source names a tarball or tree; FA3 needs
+    --source (a flash-attention tree or tarball with hopper/). The wheel, its flags (<wheel>.json) and
+    the build log go into the wheelhouse (PARITY_WHEELHOUSE, default .nox/wheelhouse); the same
+    request again finds it there. Skipped without a GPU (or --arch) or nvcc.
+    """
+    flash_build.run_build_flash(session)
 
 
 @nox.session(reuse_venv=True)

@@ -63,3 +63,12 @@ def hardware_skip_reason(variant: Variant) -> str | None:
             have = ", ".join(f"{g.name} ({g.capability[0]}.{g.capability[1]})" for g in gpus)
             return f"{variant.name} needs compute capability >= {want}; this machine has {have}"
     return None
+
+
+def gpu_arch() -> str | None:
+    """The compute capability of the best visible GPU as a CUDA arch ("90" for 9.0), or None."""
+    gpus, _ = visible_gpus()
+    if not gpus:
+        return None
+    major, minor = max(g.capability for g in gpus)
+    return f"{major}{minor}"

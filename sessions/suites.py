@@ -13,7 +13,7 @@ from pathlib import Path
 import nox
 
 from sessions import envs
-from sessions.hardware import hardware_skip_reason
+from sessions.hardware import gpu_arch, hardware_skip_reason
 from sessions.variants import ROOT, VARIANTS, Variant
 
 SRC = ROOT / "src"  # on sys.path already (sessions/__init__.py)
@@ -122,7 +122,7 @@ def run_suite(
     if reason:
         _skip(session, manifest, args.results, reason)
     try:
-        session.log(envs.prepare(session, [variant.requirements]))
+        session.log(envs.prepare(session, [variant.requirements], gpu_arch=gpu_arch(), variant=variant.name))
     except envs.InstallFailed as exc:
         _skip(session, manifest, args.results, str(exc))
     env = _env(args.results, variant.name)
@@ -130,7 +130,7 @@ def run_suite(
     session.log("probe: " + json.dumps(info, sort_keys=True))
     if not ok:
         _skip(session, manifest, args.results, f"{variant.name}: {info.get('reason')}")
-    manifest.extra = {"probe": info}
+    manifest.extra = {"probe": info, "env_kind": envs.kind(session)}
 
     pytest_args = ["-p", "no:cacheprovider", "-v", "-s", f"--rootdir={ROOT}"]
     if info.get("pytest_timeout"):
@@ -184,7 +184,8 @@ def run_merge(session: nox.Session) -> None:
 
 
 def run_tests(session: nox.Session) -> None:
-    session.log(envs.prepare(session, [envs.variant_requirements("eager"), envs.variant_requirements("dev")]))
+    requirements = [envs.variant_requirements("eager"), envs.variant_requirements("dev")]
+    session.log(envs.prepare(session, requirements, system_site_ok=False))
     env = _env(Path(session.create_tmp()) / "results", "eager")
     env.pop("PARITY_RESULTS")
     with session.chdir(ROOT):

@@ -97,6 +97,23 @@ _ALL = (
         "user",
     ),
     Setting(
+        "PARITY_SYSTEM_SITE",
+        "bool",
+        "0",
+        "build each variant's env on top of the packages of the interpreter running nox (GPU images: "
+        "torch, transformers from the image) and install only the variant's own packages (flash-attn, "
+        "flash-attn-3) from the wheelhouse, with no index",
+        "user",
+    ),
+    Setting(
+        "PARITY_WHEELHOUSE",
+        "path",
+        None,
+        "folder of prebuilt wheels every variant env takes its flash packages from first, and where "
+        "`nox -s build_flash` puts what it builds (default: .nox/wheelhouse)",
+        "user",
+    ),
+    Setting(
         "PARITY_TOY_CONFIG_ROOT",
         "path",
         None,

@@ -4,9 +4,15 @@ Three names, one code path:
 
 - ``parity_sdpa_with_sp``: ``torch.nn.functional.scaled_dot_product_attention`` with a
   block-diagonal (per packed sequence) mask. Runs on CPU, supports D_v != D_qk, GQA, fp32.
-- ``parity_flash_attention_2_with_sp``: varlen FlashAttention-2 from ``flash_attn`` when installed,
-  else PyTorch's built-in FA2 varlen kernel (``torch.nn.attention.varlen.varlen_attn``).
+- ``parity_flash_attention_2_with_sp``: varlen FlashAttention-2, from the kernel library chosen for it:
+  ``flash_attn`` (the default) or PyTorch's built-in FA2 varlen kernel ``torch.varlen_attn``
+  (``torch.nn.attention.varlen.varlen_attn``).
 - ``parity_flash_attention_3_with_sp``: varlen FlashAttention-3 from ``flash_attn_interface``.
+
+Which library serves a backend is a configuration (:func:`use_kernels`), never a guess from what
+happens to be importable: a process with both ``flash_attn`` and torch's varlen kernel runs exactly
+the chosen one, and a chosen library that cannot run here is an error that says why (no silent
+substitute; the opt-in sdpa fallback below is recorded as such).
 
 Every call: (1) with an sp group active, Ulysses all-to-all (full sequence, 1/sp of the heads);
 (2) packing metadata of the FULL sequence (explicit ``cu_seq_lens_q/k`` kwargs, else derived
@@ -30,7 +36,6 @@ tell a requested backend that ran from one that silently did not.
 from __future__ import annotations
 
 import inspect
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -387,65 +392,132 @@ def _run_varlen(
 
 
 # --------------------------------------------------------------------------------------------
-# provider resolution
+# kernel choice and provider resolution
+
+TORCH_SDPA = "torch.sdpa"
+TORCH_VARLEN = "torch.varlen_attn"
+FLASH_ATTN = "flash_attn"
+FLASH_ATTN_INTERFACE = "flash_attn_interface"
+
+#: The kernel libraries each backend can be served by (the first is its default).
+KERNEL_LIBRARIES: dict[str, tuple[str, ...]] = {
+    PARITY_SDPA: (TORCH_SDPA,),
+    PARITY_FA2: (FLASH_ATTN, TORCH_VARLEN),
+    PARITY_FA3: (FLASH_ATTN_INTERFACE,),
+}
+_CHOSEN: dict[str, str] = {}
 
 
-def _flash_attn_provider() -> str | None:
+def use_kernels(choice: dict[str, str]) -> None:
+    """Choose the kernel library of one or more backends for this process (the rest keep theirs).
+
+    ``use_kernels({"parity_flash_attention_2_with_sp": "torch.varlen_attn"})`` makes the FA2 name run
+    PyTorch's varlen kernel even where ``flash_attn`` is installed. Unknown names are an error, so a
+    typo cannot silently leave the default in place.
+    """
+    for backend, library in choice.items():
+        if backend not in KERNEL_LIBRARIES:
+            known = ", ".join(KERNEL_LIBRARIES)
+            raise KeyError(f"unknown parity attention backend {backend!r}; known: {known}")
+        if library not in KERNEL_LIBRARIES[backend]:
+            known = ", ".join(KERNEL_LIBRARIES[backend])
+            raise ValueError(f"{backend} cannot be served by {library!r}; choose one of {known}")
+    _CHOSEN.update(choice)
+
+
+def kernel_choice() -> dict[str, str]:
+    """backend name -> the kernel library it uses (chosen with :func:`use_kernels`, else the default)."""
+    return {backend: _CHOSEN.get(backend, libraries[0]) for backend, libraries in KERNEL_LIBRARIES.items()}
+
+
+def reset_kernel_choice() -> None:
+    """Back to the defaults (tests and long-lived processes that switch configurations)."""
+    _CHOSEN.clear()
+
+
+def _import_problem(module: str, attribute: str) -> str | None:
+    """Why ``module.attribute`` cannot be used here, or None (an ABI-mismatched build raises here too)."""
     try:
+        mod = __import__(module, fromlist=[attribute])
+    except Exception as exc:
+        return f"{module} is not importable: {type(exc).__name__}: {exc}"
+    if not hasattr(mod, attribute):
+        return f"{module} has no {attribute}"
+    return None
+
+
+def _library_problem(library: str) -> str | None:
+    if library == FLASH_ATTN:
+        return _import_problem("flash_attn", "flash_attn_varlen_func")
+    if library == FLASH_ATTN_INTERFACE:
+        return _import_problem("flash_attn_interface", "flash_attn_varlen_func")
+    if library == TORCH_VARLEN:
+        problem = _import_problem("torch.nn.attention.varlen", "varlen_attn")
+        return f"{problem} (needs torch>=2.10)" if problem else None
+    return None
+
+
+def _provider_name(library: str) -> str:
+    """What the kernel log records: the library, with its version where it has one."""
+    if library == FLASH_ATTN:
         import flash_attn
-    except Exception:
-        return None
-    if not hasattr(flash_attn, "flash_attn_varlen_func"):
-        return None
-    return f"flash_attn {getattr(flash_attn, '__version__', '?')}"
+
+        return f"{FLASH_ATTN} {getattr(flash_attn, '__version__', '?')}"
+    return library
 
 
-def _torch_varlen_available() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except Exception:
-        return False
-    return True
+_VARLEN_FNS: dict[str, VarlenFn] = {
+    FLASH_ATTN: _varlen_flash_attn,
+    FLASH_ATTN_INTERFACE: _varlen_fa3,
+    TORCH_VARLEN: _varlen_torch,
+}
 
 
-def _fa3_available() -> bool:
-    try:
-        import flash_attn_interface  # noqa: F401
-    except Exception:
-        return False
-    return True
+def _device_problems(q: torch.Tensor) -> list[str]:
+    """Why no FlashAttention kernel (of any library) can take these inputs: CUDA and half precision."""
+    problems = []
+    if not q.is_cuda:
+        problems.append(f"it needs a CUDA device (got {q.device.type})")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        problems.append(f"it needs float16/bfloat16 (got {str(q.dtype).removeprefix('torch.')})")
+    return problems
 
 
 def _fallback_allowed() -> bool:
-    return os.environ.get(ENV_ALLOW_FALLBACK, "") not in ("", "0", "false", "False")
+    from parity import settings
+
+    return bool(settings.get(ENV_ALLOW_FALLBACK))
 
 
 def _resolve_kernel(backend: str, q: torch.Tensor) -> tuple[str, VarlenFn | None]:
-    """(provider name, varlen fn); fn None means the sdpa kernel."""
-    if backend == PARITY_SDPA:
-        return "torch.sdpa", None
-    reason: str
-    if backend == PARITY_FA2:
-        provider = _flash_attn_provider()
-        if provider is not None and q.is_cuda:
-            return provider, _varlen_flash_attn
-        if _torch_varlen_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return "torch.varlen_attn", _varlen_torch
-        reason = (
-            "no FlashAttention-2 kernel can run here: needs flash_attn on CUDA, or "
-            "torch.nn.attention.varlen.varlen_attn (torch>=2.10) on CUDA with fp16/bf16; "
-            f"got device={q.device.type}, dtype={q.dtype}, flash_attn={'yes' if provider else 'no'}, "
-            f"torch varlen_attn={'yes' if _torch_varlen_available() else 'no'}"
-        )
-    elif backend == PARITY_FA3:
-        if _fa3_available() and q.is_cuda:
-            return "flash_attn_interface", _varlen_fa3
-        reason = f"FlashAttention-3 needs flash_attn_interface on CUDA (device={q.device.type})"
-    else:
+    """(provider name, varlen fn) of the library chosen for ``backend``; fn None means the sdpa kernel.
+
+    The chosen library runs or the call fails with the reason; nothing else is tried.
+    """
+    if backend not in KERNEL_LIBRARIES:
         raise KeyError(backend)
+    library = kernel_choice()[backend]
+    if library == TORCH_SDPA:
+        return TORCH_SDPA, None
+    problems = _device_problems(q)
+    missing = _library_problem(library)
+    if missing:
+        problems.append(missing)
+    if not problems:
+        return _provider_name(library), _VARLEN_FNS[library]
+    others = [lib for lib in KERNEL_LIBRARIES[backend] if lib != library]
+    choose = (
+        f" (another library: parity.backend.attention.use_kernels({{{backend!r}: {others[0]!r}}}))"
+        if others
+        else ""
+    )
+    reason = f"the kernel library chosen for it, {library}, cannot run here: " + "; ".join(problems) + choose
     if _fallback_allowed():
         return "torch.sdpa[fallback]", None
-    raise RuntimeError(f"{backend}: {reason}. Set {ENV_ALLOW_FALLBACK}=1 to run sdpa instead (recorded).")
+    raise RuntimeError(
+        f"{backend}: {reason}. FlashAttention kernels need CUDA and half precision; set "
+        f"{ENV_ALLOW_FALLBACK}=1 to run sdpa instead (recorded as a fallback)."
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,17 +28,55 @@ def _registries() -> list[tuple[str, Any]]:
     return found
 
 
+def hf_flash_provider() -> str | None:
+    """The library transformers' flash path called last: ``flash_attn``, ``flash_attn_interface``, ...
+
+    transformers loads its flash functions lazily into module globals of
+    ``transformers.modeling_flash_attention_utils`` (``_lazy_imports``): from the flash packages, or,
+    when the ``kernels`` package is installed and the flash package is not, from a hub kernel it
+    downloads. A hub kernel is reported as ``hub:<repo>`` (e.g. ``hub:kernels-community/flash-attn2``),
+    so it can never pass for the package the variant exists for.
+    """
+    try:
+        from transformers import modeling_flash_attention_utils as fa_utils
+    except ImportError:
+        return None
+    fn = getattr(fa_utils, "_flash_varlen_fn", None) or getattr(fa_utils, "_flash_fn", None)
+    if fn is None:
+        return None
+    loaded = getattr(fa_utils, "_loaded_implementation", None)
+    if isinstance(loaded, str) and "/" in loaded:
+        return f"hub:{loaded}"
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return module.split(".")[0] if module else None
+
+
+def _is_flash_key(key: str) -> bool:
+    """transformers' own flash implementations and hub kernel names (``org/repo``), not parity's."""
+    return not key.startswith("parity_") and ("flash" in key or "/" in key)
+
+
 class BackendTrace:
-    """Counts calls per registry key; anything not called through a registry is the model's eager code."""
+    """Counts calls per registry key; anything not called through a registry is the model's eager code.
+
+    Calls of transformers' flash implementations also record which library served them
+    (:func:`hf_flash_provider`, read right after each call).
+    """
 
     def __init__(self) -> None:
         self.calls: dict[str, Counter[str]] = {"attention": Counter(), "experts": Counter()}
+        self.flash_providers: Counter[str] = Counter()
 
     def _wrap(self, kind: str, key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        flash = kind == "attention" and _is_flash_key(key)
+
         @functools.wraps(fn)
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.calls[kind][key] += 1
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            if flash:
+                self.flash_providers[hf_flash_provider() or "unknown"] += 1
+            return out
 
         counted.__parity_traced__ = True  # type: ignore[attr-defined]
         return counted
@@ -47,6 +85,10 @@ class BackendTrace:
         """The implementation(s) that ran, joined with '+' if several did (itself a finding)."""
         called = sorted(self.calls[kind])
         return "+".join(called) if called else "eager"
+
+    def flash_provider(self) -> str | None:
+        """The library (libraries, '+'-joined) that served transformers' flash calls; None if none ran."""
+        return "+".join(sorted(self.flash_providers)) or None
 
 
 @contextlib.contextmanager

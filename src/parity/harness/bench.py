@@ -156,6 +156,7 @@ def bench_attention(args: argparse.Namespace, device: Any) -> dict[str, Any]:
 
     from parity.backend import attention
     from parity.backend.attention import PARITY_FA2, PARITY_FA3, build_packing
+    from parity.results.modes import variant_kernels
 
     dtype = torch.bfloat16
     lens = _seq_lens(args.attn_tokens)
@@ -193,6 +194,8 @@ def bench_attention(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         )[0],
         "hf_sdpa_packed_mask": lambda: sdpa_attention_forward(module, q, k, v, mask, scaling=scale)[0],
     }
+    # the bench runs in the eager variant's env: its FA2 library, named (never picked by import order)
+    attention.use_kernels(variant_kernels("eager"))
     attention.reset_kernel_log()
     candidates["parity_fa2"]()  # resolve the provider before timing (raises if no FA2 kernel here)
     fa2_provider = attention.kernel_providers_used()[PARITY_FA2]
@@ -216,7 +219,7 @@ def bench_attention(args: argparse.Namespace, device: Any) -> dict[str, Any]:
             return out.view(1, seq, heads, d)
 
         candidates["raw_fa2_kernel"] = raw
-    if attention._fa3_available():
+    if attention._library_problem(attention.FLASH_ATTN_INTERFACE) is None:
         candidates["parity_fa3"] = lambda: attention.parity_flash_attention_3_with_sp(
             module, q, k, v, None, scaling=scale, position_ids=pos
         )[0]

@@ -89,6 +89,11 @@ class E2ESettings:
     def dtype_name(self) -> str:
         return str(self.run.dtype).removeprefix("torch.")
 
+    @property
+    def kernel(self) -> str | None:
+        """The kernel library the variant names for this backend: passed to every rank explicitly."""
+        return EXPECTED_PROVIDER.get((self.run.variant, self.attn))
+
     def skip_reason(self, mode: ParallelMode) -> str | None:
         for name, size in (("sp", mode.sp), ("ep", mode.ep)):
             if self.nproc % size:
@@ -117,7 +122,7 @@ def run_layout(
 ) -> LayoutRun:
     """One training run of one layout (cached per session by its arguments)."""
     config = _config_file(config_path)
-    key = (str(config), mode, settings.attn, settings.dtype_name, settings.nproc, fault)
+    key = (str(config), mode, settings.attn, settings.kernel, settings.dtype_name, settings.nproc, fault)
     if key in _RUNS:
         return _RUNS[key]
     out = work / mode.id / "out"
@@ -130,6 +135,7 @@ def run_layout(
         "--epochs", str(EPOCHS),
         "--out", str(out),
         "--attn", settings.attn,
+        *(["--attn-kernel", settings.kernel] if settings.kernel else []),
         "--moe", MOE_IMPLEMENTATION,
         "--dtype", settings.dtype_name,
         "--seed", str(SEED),

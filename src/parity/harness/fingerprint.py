@@ -2,7 +2,10 @@
 
 Two numbers are only comparable when they came from comparable environments; the merge uses these
 fields to refuse comparisons across different configs or seeds and to explain deviations across
-torch/transformers/device versions. Imports torch lazily so the module itself stays torch-free.
+torch/transformers/device versions. The kernel packages present (flash_attn, flash_attn_3, and
+``kernels``, through which transformers would download a hub kernel) and the environment's prefix
+show which per-variant environment a record came from: the fa2 env holds flash_attn, the fa3 env
+flash_attn_3, the eager env neither. Imports torch lazily so the module itself stays torch-free.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,8 @@ def fingerprint(*, device: Any, dtype: Any, seed: int, config_hash: str | None) 
         "transformers": package_version("transformers"),
         "flash_attn": package_version("flash-attn") or package_version("flash_attn"),
         "flash_attn_3": package_version("flash-attn-3") or package_version("flash_attn_3"),
+        "kernels": package_version("kernels"),
+        "env": sys.prefix,
         "device": name,
         "compute_capability": capability,
         "dtype": str(dtype).removeprefix("torch."),

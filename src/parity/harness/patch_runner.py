@@ -26,7 +26,7 @@ from parity.harness.backend_trace import trace_backends
 from parity.harness.batches import packed_batch
 from parity.harness.fingerprint import fingerprint
 from parity.results.compare import effective_tolerance
-from parity.results.modes import ModelMode, expected_provider, mode_skip_reason
+from parity.results.modes import ModelMode, expected_provider, mode_skip_reason, variant_kernels
 from parity.results.records import ResultsWriter, Tolerance, make_record
 from parity.results.registry import Case
 
@@ -127,6 +127,7 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[
     attention = moe = None
     if mode.modeling_backend == "parity":
         attention, moe = _parity_backends()
+        attention.use_kernels(variant_kernels(settings.variant))  # the variant's libraries, never a guess
         attention.reset_kernel_log()
         moe.reset_kernel_log()
     dtype = getattr(torch, mode.dtype) if mode.dtype else settings.dtype
@@ -157,6 +158,8 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[
     resolved = {"attn_implementation": trace.resolved("attention")}
     if mode.moe_implementation is not None:
         resolved["moe_implementation"] = trace.resolved("experts")
+    if attention is None and expected_provider(settings.variant, mode):
+        resolved["kernel_provider"] = trace.flash_provider()  # transformers' flash path: which library ran
     if attention is not None:
         resolved["kernel_provider"] = attention.kernel_providers_used().get(mode.attn_implementation)
         if mode.moe_implementation == "fused":

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import sys
 from typing import Any
 
 CANNOT_RUN = 3
+#: Distributions whose presence decides which kernels an env can serve (``kernels``: transformers'
+#: hub-kernel downloads).
+KERNEL_DISTRIBUTIONS = ("flash-attn", "flash-attn-3", "kernels")
+
+
+def package_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def probe(needs_cuda: bool, min_capability: tuple[int, int] | None, modules: list[str]) -> dict[str, Any]:
@@ -46,6 +57,8 @@ def probe(needs_cuda: bool, min_capability: tuple[int, int] | None, modules: lis
             info["reason"] = f"package module {name!r} is not importable here: {type(exc).__name__}: {exc}"
             return info
         info[f"{name}_version"] = getattr(module, "__version__", "unknown")
+    # which kernel packages this env holds (the per-variant isolation, visible in the session log)
+    info["packages"] = {name: package_version(name) for name in KERNEL_DISTRIBUTIONS}
     try:
         import pytest_timeout  # noqa: F401
 

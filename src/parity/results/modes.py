@@ -30,13 +30,31 @@ PARITY_ATTENTION = {
 }
 #: parity's MoE experts: transformers' eager loop under parity attention, and parity's fused kernel.
 PARITY_EXPERTS = ("eager", "fused")
-#: The kernel library each parity attention backend must report in a variant; anything else
-#: (including an sdpa fallback) means the backend under test did not run.
-EXPECTED_PROVIDER = {
-    ("eager", "parity_sdpa_with_sp"): "torch.sdpa",
-    ("eager", "parity_flash_attention_2_with_sp"): "torch.varlen_attn",
-    ("fa2", "parity_flash_attention_2_with_sp"): "flash_attn",
-    ("fa3", "parity_flash_attention_3_with_sp"): "flash_attn_interface",
+#: The kernel library that serves each parity attention backend in each variant. The harness
+#: configures the backend with exactly these (``parity.backend.attention.use_kernels``), so what is
+#: importable never decides: one interpreter holding flash_attn, flash_attn_interface and torch's
+#: varlen kernel runs every variant with its own library. Backends a variant does not list keep the
+#: backend's default (flash_attn for FA2).
+VARIANT_KERNELS: dict[str, dict[str, str]] = {
+    "eager": {"parity_sdpa_with_sp": "torch.sdpa", "parity_flash_attention_2_with_sp": "torch.varlen_attn"},
+    "fa2": {"parity_sdpa_with_sp": "torch.sdpa", "parity_flash_attention_2_with_sp": "flash_attn"},
+    "fa3": {"parity_sdpa_with_sp": "torch.sdpa", "parity_flash_attention_3_with_sp": "flash_attn_interface"},
+}
+#: The package that must serve transformers' own flash implementations in their variant. transformers
+#: routes ``flash_attention_2/3`` to a hub kernel it downloads when the ``kernels`` package is installed
+#: and the flash package is not; that is recorded as another provider ("hub:kernels-community/...")
+#: and fails the provider check.
+HF_KERNELS: dict[str, dict[str, str]] = {
+    "fa2": {"flash_attention_2": "flash_attn"},
+    "fa3": {"flash_attention_3": "flash_attn_interface"},
+}
+#: The kernel library each attention implementation must report in a variant; anything else
+#: (an sdpa fallback, a hub kernel, the other flash package) means the backend under test did not run.
+EXPECTED_PROVIDER: dict[tuple[str, str], str] = {
+    (variant, attn): library
+    for table in (VARIANT_KERNELS, HF_KERNELS)
+    for variant, kernels in table.items()
+    for attn, library in kernels.items()
 }
 #: Attention implementations whose kernels exist only on CUDA and only in half precision.
 FLASH_ONLY = (
@@ -113,9 +131,16 @@ def parity_modes(variant: str, is_moe: bool) -> list[ModelMode]:
 
 
 def expected_provider(variant: str, mode: ModelMode) -> str | None:
-    if mode.modeling_backend != "parity":
-        return None
-    return EXPECTED_PROVIDER.get((variant, mode.attn_implementation))
+    """The kernel library that must serve this mode in this variant (None: no kernel to check)."""
+    table = VARIANT_KERNELS if mode.modeling_backend == "parity" else HF_KERNELS
+    return table.get(variant, {}).get(mode.attn_implementation)
+
+
+def variant_kernels(variant: str) -> dict[str, str]:
+    """parity backend -> kernel library for this variant (what the harness configures the backend with)."""
+    if variant not in VARIANT_KERNELS:
+        raise ValueError(f"unknown backend variant {variant!r}; known: {', '.join(VARIANTS)}")
+    return dict(VARIANT_KERNELS[variant])
 
 
 def mode_skip_reason(mode: ModelMode, device_type: str, dtype: str) -> str | None:

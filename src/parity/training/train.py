@@ -118,6 +118,8 @@ class TrainConfig:
     steps_per_epoch: int = 2
     epochs: int = 2
     attn: str = attention.PARITY_SDPA
+    #: kernel library serving ``attn`` (None: the backend's default); see attention.use_kernels
+    attn_kernel: str | None = None
     moe: str = moe.FUSED
     dtype: str = "float32"
     seed: int = 0
@@ -151,6 +153,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         default=attention.PARITY_FA2 if gpu else attention.PARITY_SDPA,
         choices=attention.BACKENDS,
         help="parity attention backend (the only ones that do the Ulysses exchange)",
+    )
+    p.add_argument(
+        "--attn-kernel",
+        default=None,
+        help="kernel library serving --attn, e.g. flash_attn or torch.varlen_attn for the FA2 backend "
+        "(default: the backend's own default)",
     )
     p.add_argument("--moe", default=moe.FUSED, choices=(moe.FUSED,), help="experts implementation")
     p.add_argument("--dtype", default="bfloat16" if gpu else "float32", help="compute dtype")
@@ -603,6 +611,8 @@ def train(cfg: TrainConfig, rank: int, world: int) -> dict[str, Any]:
         model.parameters(), lr=cfg.lr, weight_decay=0.0, foreach=False, fused=False
     )  # one code path for every mesh mix (foreach kernels want one mesh per list)
 
+    if cfg.attn_kernel:
+        attention.use_kernels({cfg.attn: cfg.attn_kernel})
     attention.reset_kernel_log()
     moe.reset_kernel_log()
     start = time.perf_counter()

@@ -97,6 +97,11 @@ def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--backend", default="parity_sdpa_with_sp", help="parity attention backend for the sp cases"
     )
+    parser.add_argument(
+        "--attn-kernel",
+        default=None,
+        help="kernel library serving --backend, e.g. flash_attn or torch.varlen_attn (default: its default)",
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     return parser.parse_args(argv)
 
@@ -113,6 +118,10 @@ def init(args: argparse.Namespace) -> tuple[int, int]:
         torch.set_num_threads(1)  # two ranks on a two-core machine: oversubscription makes gloo crawl
         rank, world = init_rank(backend="gloo")
     SETTINGS.backend = args.backend
+    if getattr(args, "attn_kernel", None):
+        from parity.backend import attention
+
+        attention.use_kernels({args.backend: args.attn_kernel})
     SETTINGS.dtype = getattr(torch, args.dtype)
     return rank, world
 

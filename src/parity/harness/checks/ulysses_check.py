@@ -8,7 +8,8 @@ and a whole tiny qwen3 model fed with :func:`parity.backend.ulysses.shard_packed
 
 Run: ``torchrun --nproc-per-node 2 -m parity.harness.checks.ulysses_check [--out DIR]`` (CPU: gloo, fp32,
 ``parity_sdpa_with_sp``); on GPUs add e.g. ``--backend parity_flash_attention_2_with_sp --dtype
-bfloat16``. Negative control: ``PARITY_FAULT=ulysses_swap`` must make it fail.
+bfloat16`` (and ``--attn-kernel torch.varlen_attn`` where flash_attn is not installed). Negative
+control: ``PARITY_FAULT=ulysses_swap`` must make it fail.
 """
 
 from __future__ import annotations
