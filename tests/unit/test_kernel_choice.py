@@ -187,7 +187,7 @@ def _fake_flash_path(monkeypatch, *, serve_as: str, module: str) -> None:
 def _hf_fa2_record(tmp_path) -> dict:
     mode = ModelMode("hf", "flash_attention_2")
     settings = RunSettings("fa2", torch.device("cpu"), torch.float32, tmp_path)
-    ran = run_mode(toy.load_config(toy.config_path("qwen3")), mode, settings)
+    ran, _tensors = run_mode(toy.load_config(toy.config_path("qwen3")), mode, settings)
     requested = {
         "attn_implementation": mode.attn_implementation,
         "kernel_provider": expected_provider("fa2", mode),

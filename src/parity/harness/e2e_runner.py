@@ -15,6 +15,7 @@ overrides), NCCL, bf16 compute over fp32 master weights, the variant's flash bac
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -24,11 +25,11 @@ from typing import Any
 import torch
 
 from parity import settings as parity_settings
-from parity.harness import toy
+from parity.harness import evidence, toy
 from parity.harness.fingerprint import REPO_ROOT, fingerprint
 from parity.harness.launch import LaunchResult, launch
 from parity.harness.patch_runner import RunSettings
-from parity.results.compare import effective_tolerance
+from parity.results.compare import effective_tolerance, first_step_problems
 from parity.results.modes import EXPECTED_PROVIDER, PARITY_ATTENTION
 from parity.results.records import ResultsWriter, Tolerance, make_record
 
@@ -227,7 +228,71 @@ def fill_record(record: dict[str, Any], run: LayoutRun) -> dict[str, Any]:
         },
         layout=run.meta["layout"],
         fingerprint=run.meta["fingerprint"],  # where the ranks really ran
+        layout_evidence=run.meta.get("ranks") or [],
+        first_step={
+            "loss": run.log_dict["loss"][0],
+            "fingerprints": run.meta.get("first_step_fingerprints") or {},
+        },
     )
+    return record
+
+
+ANCHOR_ID = "single_process"
+
+
+def single_process_record(
+    case_id: str, config_path: str, settings: E2ESettings, is_moe: bool, tolerance: Tolerance
+) -> dict[str, Any]:
+    """Step 0 of the same global batch in one process with HF's own eager attention and experts.
+
+    The independent anchor of the e2e suite: every layout is compared with sp1_ep1, so a bug that
+    sits in every layout (the loss normalisation, the label shift, the FSDP gradient reduction)
+    would pass unseen; this run shares none of that code, only the model, weights and data. fp32
+    on CPU: the exact answer for the toy models.
+    """
+    from parity.training import train as trainer
+
+    config_file = _config_file(config_path)
+    record = make_record(
+        suite=SUITE,
+        model=case_id,
+        variant=settings.run.variant,
+        mode={"id": ANCHOR_ID, "modeling_backend": "hf", "attn_implementation": "eager", "role": "anchor"},
+        status="pending",
+        tolerance=tolerance,
+        fingerprint=fingerprint(
+            device="cpu", dtype="float32", seed=SEED, config_hash=toy.config_hash(config_file)
+        ),
+    )
+    try:
+        config = toy.load_config(config_file)
+        family = toy.model_family(config)
+        model = toy.build_model(
+            config, attn_implementation="eager", experts_implementation="eager" if is_moe else None, seed=SEED
+        )
+        data = trainer.SyntheticDataset(
+            config, rows_per_step=settings.nproc, steps_per_epoch=STEPS_PER_EPOCH, seed=1, model=model
+        )
+        label_tokens = data.label_tokens(0)
+        loss_sum = 0.0
+        for row in data.global_batch(0):
+            micro = trainer.shard_micro_batch(row, family, 0, 1, torch.device("cpu"))
+            logits = model(**micro.model_inputs, use_cache=False).logits
+            summed = trainer.token_loss_sum(logits, micro.shift_labels)
+            (summed / label_tokens).backward()
+            loss_sum += float(summed.detach())
+        prints = {n: evidence.fingerprint(p.grad) for n, p in model.named_parameters() if p.requires_grad}
+        grad_norm = math.sqrt(sum(float(v[0]) ** 2 for v in prints.values() if v is not None))
+        loss = loss_sum / label_tokens
+        record.update(
+            status="ok",
+            metrics={"loss": loss, "grad_norm": grad_norm},
+            first_step={"loss": loss, "fingerprints": prints},
+        )
+    except Exception:  # the anchor failing is a finding, reported as such
+        import traceback
+
+        record.update(status="error", error=traceback.format_exc())
     return record
 
 
@@ -241,6 +306,11 @@ def print_table(case_id: str, records: list[dict[str, Any]]) -> None:
             print(f"{head} {rec.get('reason') or ''}", file=sys.stderr)
             continue
         m, r = rec["metrics"], ref["metrics"]
+        if rec["mode"].get("role") == "anchor":
+            problems, worst = first_step_problems(ref, rec)
+            ratio = f"worst step-0 check {worst.name} ratio {worst.ratio:.3g}" if worst else ""
+            print(f"{head} step-0 loss {m['loss']:.8f}  {ratio}  {len(problems)} problem(s)", file=sys.stderr)
+            continue
         dl = [abs(a - b) for a, b in zip(m["loss"], r["loss"], strict=False)]
         dg = [abs(a - b) for a, b in zip(m["grad_norm"], r["grad_norm"], strict=False)]
         print(
@@ -268,9 +338,10 @@ def run_case(
     case_tolerance = Tolerance(rtol, atol)
     tolerance = effective_tolerance(case_tolerance, settings.dtype_name)
     modes = parallel_modes(is_moe, max_sp_size)
-    writer = ResultsWriter(settings.run.results, SUITE, settings.run.variant, case_id, [m.id for m in modes])
+    expected = [modes[0].id, ANCHOR_ID, *[m.id for m in modes[1:]]]
+    writer = ResultsWriter(settings.run.results, SUITE, settings.run.variant, case_id, expected)
     records = []
-    for mode in modes:
+    for index, mode in enumerate(modes):
         record = layout_record(case_id, config_path, settings, mode, is_moe, tolerance, case_tolerance)
         reason = settings.skip_reason(mode)
         if reason:
@@ -279,5 +350,9 @@ def run_case(
             fill_record(record, run_layout(settings, config_path, mode, work))
         writer.add(record)
         records.append(record)
+        if index == 0:  # the anchor right after the reference layout it is held against
+            anchor = single_process_record(case_id, config_path, settings, is_moe, tolerance)
+            writer.add(anchor)
+            records.append(anchor)
     print_table(case_id, records)
     return records

@@ -25,9 +25,13 @@ PROBES = 3
 _MULT = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)
 
 
-def _signs(numel: int, probe: int, device: torch.device) -> torch.Tensor:
-    """±1 vector from an integer hash of the index: identical on every device and torch version."""
-    idx = torch.arange(numel, device=device, dtype=torch.int64)
+def _signs(numel: int, probe: int, device: torch.device, start: int = 0) -> torch.Tensor:
+    """±1 vector from an integer hash of the index: identical on every device and torch version.
+
+    ``start`` is the global flat index of the first element, so a shard of a tensor projects onto
+    its own slice of the full tensor's sign vector and the shards' projections add up.
+    """
+    idx = torch.arange(start, start + numel, device=device, dtype=torch.int64)
     h = (idx * _MULT[probe % len(_MULT)] + (probe + 1) * 0x27D4EB2F) & 0xFFFFFFFF
     h = h ^ (h >> 15)
     h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
@@ -44,6 +48,24 @@ def fingerprint(t: torch.Tensor | None) -> list[float] | None:
     for probe in range(PROBES):
         values.append(float((flat * _signs(flat.numel(), probe, flat.device)).double().sum()))
     return values
+
+
+def partial_fingerprint(flat: torch.Tensor, start: int) -> torch.Tensor:
+    """[sum of squares, p_1, ..., p_k] of a contiguous piece of a tensor at flat offset ``start``.
+
+    Summing these over disjoint pieces (an all-reduce over the ranks holding the shards) gives the
+    full tensor's fingerprint with the norm squared: the e2e layouts fingerprint sharded gradients.
+    """
+    flat = flat.reshape(-1).to(torch.float32)
+    parts = [flat.double().pow(2).sum()]
+    for probe in range(PROBES):
+        parts.append((flat * _signs(flat.numel(), probe, flat.device, start)).double().sum())
+    return torch.stack(parts)
+
+
+def finish(partial: list[float]) -> list[float]:
+    """Turn a summed partial fingerprint into [norm, p_1, ..., p_k]."""
+    return [math.sqrt(max(partial[0], 0.0)), *partial[1:]]
 
 
 @dataclass

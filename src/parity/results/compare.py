@@ -210,6 +210,80 @@ def evidence_checks(
     return checks, structural
 
 
+def fingerprint_checks(
+    got: dict[str, Any], ref: dict[str, Any], tol: Tolerance, label: str = "grad"
+) -> tuple[list[Check], list[str]]:
+    """Per-parameter fingerprints ([norm, p_1..p_k]) of one run against another's, element-wise
+    ``|x - x_ref| <= atol + rtol * |t_ref|`` (the tensor's norm scales every projection)."""
+    checks, structural = [], []
+    for name in sorted(set(got) | set(ref)):
+        a, b = got.get(name), ref.get(name)
+        if (a is None) != (b is None):
+            structural.append(
+                f"{label} {name}: gradient in one run only ({'missing here' if a is None else 'extra here'})"
+            )
+            continue
+        if a is None or b is None:
+            continue
+        norm = abs(float(b[0]))
+        worst_diff = max(abs(float(x) - float(y)) for x, y in zip(a, b, strict=True))
+        checks.append(Check(f"{label} {name}", worst_diff, tol.atol * 1e-3 + tol.rtol * norm))
+    return checks, structural
+
+
+def layout_problems(record: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
+    """Does what every rank ran match the layout's name (sp, ep)? A layout that silently trained
+    as another one (sp ignored, experts not split) agrees with the reference and proves nothing."""
+    ranks = record.get("layout_evidence")
+    if not isinstance(ranks, list) or not ranks:
+        return []
+    mode = record["mode"]
+    sp, ep = int(mode.get("sp", 1)), int(mode.get("ep", 1))
+    problems = []
+    if record.get("nproc") is not None and len(ranks) != record["nproc"]:
+        problems.append(f"{len(ranks)} ranks reported, the run had {record['nproc']}")
+    sp_ranks = {r.get("sp_rank") for r in ranks}
+    if len(sp_ranks) != sp:
+        problems.append(f"sp={sp} but the ranks report {len(sp_ranks)} distinct sp ranks")
+    lens = {r.get("local_seq_len") for r in ranks}
+    ref_ranks = (reference or {}).get("layout_evidence") or []
+    ref_lens = {r.get("local_seq_len") for r in ref_ranks}
+    if len(ref_lens) == 1 and len(lens) == 1:
+        full, local = next(iter(ref_lens)), next(iter(lens))
+        if local != -(-full // sp):
+            problems.append(
+                f"sp={sp}: each rank saw {local} tokens of a {full}-token row (expected {-(-full // sp)})"
+            )
+    blocks = {tuple(r["expert_block"]) for r in ranks if r.get("expert_block")}
+    if blocks:
+        counts = {b[1] for b in blocks}
+        total = sum(b[1] for b in blocks)
+        if len(blocks) != ep or len(counts) != 1 or total != next(iter(counts)) * ep:
+            problems.append(f"ep={ep} but the ranks hold expert blocks {sorted(blocks)}")
+    return problems
+
+
+def first_step_problems(record: dict[str, Any], reference: dict[str, Any]) -> tuple[list[str], Check | None]:
+    """Step 0 of a layout against the reference layout (or a single-process run): every parameter's
+    gradient fingerprint, not only the total norm."""
+    got, ref = record.get("first_step"), reference.get("first_step")
+    if not isinstance(got, dict) or not isinstance(ref, dict):
+        return [], None
+    tol = Tolerance(record["tolerance"]["rtol"], record["tolerance"]["atol"])
+    checks, structural = fingerprint_checks(got.get("fingerprints") or {}, ref.get("fingerprints") or {}, tol)
+    if isinstance(got.get("loss"), int | float) and isinstance(ref.get("loss"), int | float):
+        checks.append(
+            Check("step-0 loss", abs(got["loss"] - ref["loss"]), tol.atol + tol.rtol * abs(ref["loss"]))
+        )
+    problems = list(structural)
+    problems += [
+        f"step 0 {c.name}: observed {c.observed:.3g}, allowed {c.allowed:.3g} (ratio {c.ratio:.3g})"
+        for c in checks
+        if not c.ok
+    ]
+    return problems, worst(checks)
+
+
 def worst(checks: list[Check]) -> Check | None:
     return max(checks, key=lambda c: c.ratio, default=None)
 
@@ -242,7 +316,7 @@ def roles(records: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[st
     In fp32 the reference is its own truth; in half precision the truth is the fp32 run of the
     reference implementation (``mode.role == "truth"``).
     """
-    ref = next((r for r in records if r["mode"].get("role") != "truth"), None)
+    ref = next((r for r in records if r["mode"].get("role") not in ("truth", "anchor")), None)
     truth = next((r for r in records if r["mode"].get("role") == "truth"), ref)
     return ref, truth
 
@@ -300,7 +374,17 @@ def record_failures(records: list[dict[str, Any]]) -> list[str]:
             problems.append(f"{mode_id}: dead run: {dead}")
         evidence_problems, _ = mode_evidence_problems(rec, ref, truth)
         problems += [f"{mode_id}: {p}" for p in evidence_problems]
-        if rec is ref or ref_dead or dead or rec["mode"].get("role") == "truth":
+        problems += [f"{mode_id}: layout: {p}" for p in layout_problems(rec, ref)]
+        anchor = next((r for r in records if r["mode"].get("role") == "anchor"), None)
+        if rec["mode"].get("role") == "anchor":
+            pass
+        elif rec is ref and anchor is not None and anchor.get("status") == "ok":
+            problems += [
+                f"{mode_id} vs {anchor['mode']['id']}: {p}" for p in first_step_problems(rec, anchor)[0]
+            ]
+        elif rec is not ref:
+            problems += [f"{mode_id}: {p}" for p in first_step_problems(rec, ref)[0]]
+        if rec is ref or ref_dead or dead or rec["mode"].get("role") in ("truth", "anchor"):
             continue
         tol = Tolerance(rec["tolerance"]["rtol"], rec["tolerance"]["atol"])
         dev = deviation(rec["metrics"], ref["metrics"], tol)

@@ -22,6 +22,8 @@ from typing import Any
 from parity.results.compare import (
     deviation,
     evidence_checks,
+    first_step_problems,
+    layout_problems,
     mode_evidence_problems,
     resolution_mismatch,
     roles,
@@ -233,7 +235,26 @@ def _check_file(report: Report, f: ResultsFile) -> dict[str, Any] | None:
             row.verdict, row.detail = "DEAD", dead
             report.fail(EXIT_INVALID, f"{label} mode {mode_id}: dead run, nothing to compare: {dead}")
             continue
+        if rec["mode"].get("role") == "anchor":
+            # the single-process run of the e2e suite: the reference layout's step 0 is held against it
+            problems, worst_fp = first_step_problems(ref, rec) if ref_ok else ([], None)
+            row.worst, row.ratio = (worst_fp.name, f"{worst_fp.ratio:.3g}") if worst_fp else ("", "")
+            row.verdict = "FAIL" if problems else "ANCHOR"
+            row.detail = problems[0] if problems else f"independent single-process step 0 vs {ref_id}"
+            for problem in problems:
+                report.fail(EXIT_BREACH, f"{label} mode {ref_id} vs {mode_id}: {problem}")
+            continue
+        layout = layout_problems(rec, ref)
+        if layout:
+            row.verdict, row.detail = "NOT-RUN", f"layout: {layout[0]}"
+            for problem in layout:
+                report.fail(EXIT_INVALID, f"{label} mode {mode_id}: did not run as its name says: {problem}")
+            continue
         ev_problems, worst = mode_evidence_problems(rec, ref, truth)
+        if mode_id != ref_id and ref_ok and "first_step" in rec:
+            fs_problems, fs_worst = first_step_problems(rec, ref)
+            ev_problems = ev_problems + fs_problems
+            worst = fs_worst if worst is None or (fs_worst and fs_worst.ratio > worst.ratio) else worst
         if worst is not None:
             row.worst, row.ratio = worst.name, f"{worst.ratio:.3g}"
         if ev_problems:

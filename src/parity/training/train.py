@@ -56,7 +56,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -381,16 +381,16 @@ class LanguageModelShard:
 # parallelization
 
 
-def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Stacked-experts modules (transformers v5 layout: ``down_proj`` [E, ...] with ``num_experts``)."""
+def experts_modules(model: torch.nn.Module, ep: int = 1) -> list[torch.nn.Module]:
+    """Stacked-experts modules (transformers v5 layout: ``down_proj`` [E, ...] with ``num_experts``).
+
+    ``ep``: after :func:`parity.backend.moe.shard_experts_for_ep` a module holds E/ep experts.
+    """
     found = []
     for m in model.modules():
         down = m._parameters.get("down_proj")
-        if (
-            down is not None
-            and isinstance(getattr(m, "num_experts", None), int)
-            and down.shape[0] == m.num_experts
-        ):
+        experts = getattr(m, "num_experts", None)
+        if down is not None and isinstance(experts, int) and down.shape[0] == experts // ep:
             found.append(m)
     return found
 
@@ -496,6 +496,66 @@ def total_grad_norm(parameters: list[torch.nn.Parameter], group: dist.ProcessGro
     return math.sqrt(float(square))
 
 
+def grad_fingerprints(
+    model: torch.nn.Module, dims: ParallelDims, ep_rank: int
+) -> dict[str, list[float] | None]:
+    """Fingerprints of the full, unsharded gradients, the same numbers for every layout.
+
+    Each rank projects its own shard onto the slice of the full tensor's sign vectors it holds (its
+    global flat offset: the FSDP shard's row offset, plus the ep block's first expert for expert
+    weights cut by ep), and one all-reduce adds the pieces: every element lives on exactly one rank
+    (see :func:`total_grad_norm`). Comparable across layouts and with a single-process run.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from parity.harness.evidence import PROBES, finish, partial_fingerprint
+
+    expert_owner = {id(p): m for m in experts_modules(model, dims.ep) for p in m.parameters(recurse=False)}
+    names, parts = [], []
+    device = next(model.parameters()).device
+    for name, param in model.named_parameters():
+        grad = param.grad
+        names.append(name)
+        if grad is None:
+            parts.append(torch.full((PROBES + 1,), float("nan"), dtype=torch.float64, device=device))
+            continue
+        _, offset = compute_local_shape_and_global_offset(grad.shape, grad.device_mesh, grad.placements)
+        full_shape, row = list(grad.shape), offset[0] if offset else 0
+        owner = expert_owner.get(id(param))
+        if owner is not None and dims.ep > 1:
+            first, _count = moe.ep_expert_range(owner.num_experts, ep_rank, dims.ep)
+            full_shape[0], row = owner.num_experts, row + first
+        row_numel = math.prod(full_shape[1:]) if len(full_shape) > 1 else 1
+        parts.append(partial_fingerprint(grad.to_local().detach(), row * row_numel).to(device))
+    stacked = torch.stack(parts)
+    dist.all_reduce(stacked)
+    values = stacked.cpu().tolist()
+    return {n: (None if math.isnan(v[0]) else finish(v)) for n, v in zip(names, values, strict=True)}
+
+
+def rank_evidence(model: torch.nn.Module, micro: MicroBatch, meshes: Meshes, dims: ParallelDims) -> dict:
+    """What this rank actually ran: its sequence slice, its expert block, its parameter shards."""
+    local_len = int(micro.shift_labels.shape[-1])
+    experts = experts_modules(model, dims.ep)
+    block = None
+    if experts:
+        first, count = moe.ep_expert_range(experts[0].num_experts, meshes.ep_rank, dims.ep)
+        block = [first, count]
+    local_numel = 0
+    for param in model.parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        local_numel += local.numel()
+    return {
+        "rank": dist.get_rank(),
+        "dp_rank": meshes.dp_rank,
+        "sp_rank": meshes.sp_rank,
+        "ep_rank": meshes.ep_rank,
+        "local_seq_len": local_len,
+        "expert_block": block,
+        "local_param_numel": local_numel,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # the loop
 
@@ -505,6 +565,9 @@ class StepLog:
     loss: list[float]
     grad_norm: list[float]
     step_s: list[float]
+    #: step 0's full-gradient fingerprints and every rank's account of what it ran
+    first_step_fingerprints: dict[str, list[float] | None] = field(default_factory=dict)
+    ranks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _device() -> torch.device:
@@ -527,6 +590,7 @@ def train_steps(
     """``steps`` optimizer steps; per step: accumulate this rank's rows, grad norm, AdamW step."""
     log = StepLog([], [], [])
     params = [p for p in model.parameters() if p.requires_grad]
+    micro = None
     for step in range(steps):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -539,6 +603,11 @@ def train_steps(
                 summed = token_loss_sum(logits, micro.shift_labels)
                 (summed / label_tokens).backward()
             loss_sum += summed.detach().double()
+        if step == 0 and micro is not None:  # before the optimizer step: the gradients of step 0
+            log.first_step_fingerprints = grad_fingerprints(model, dims, meshes.ep_rank)
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, rank_evidence(model, micro, meshes, dims))
+            log.ranks = ranks
         grad_norm = total_grad_norm(params)
         optimizer.step()
         dist.all_reduce(loss_sum)
@@ -632,6 +701,9 @@ def train(cfg: TrainConfig, rank: int, world: int) -> dict[str, Any]:
         "resolved": _resolved(trace, cfg, is_moe),
         "step_s": log.step_s,
         "train_s": round(elapsed, 3),
+        "first_step_fingerprints": log.first_step_fingerprints,
+        "ranks": log.ranks,
+        "first_step_label_tokens": data.label_tokens(0),
         "fingerprint": fingerprint(
             device=device, dtype=compute_dtype, seed=cfg.seed, config_hash=toy.config_hash(cfg.config)
         ),
