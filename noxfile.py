@@ -5,6 +5,8 @@
     nox -s "patch(eager)" -- qwen3          one variant
     nox -s e2e -- qwen3 qwen3_moe           FSDP2 + sp/ep training parity
     nox -s merge -- --results results/      merge any results folder
+    nox -s new_model -- mixtral             scaffold a toy config + README + registry entry
+    nox -s checklist -- mixtral [--run]     the onboarding checklist (and every suite that applies)
     nox --no-venv -s patch -- qwen3         GPU images: use the current interpreter, install nothing
 
 The session bodies live in sessions/; this file only declares them.
@@ -20,7 +22,7 @@ import nox
 sys.path.insert(0, str(Path(__file__).parent))
 
 from sessions import e2e as e2e_suite  # noqa: E402
-from sessions import suites, vlm  # noqa: E402
+from sessions import onboard, suites, vlm  # noqa: E402
 from sessions.variants import VARIANTS  # noqa: E402
 
 nox.needs_version = ">=2025.02.09"
@@ -29,7 +31,7 @@ nox.options.reuse_venv = "yes"
 nox.options.sessions = ["patch"]
 
 
-@nox.session(reuse_venv=True)
+@nox.session(reuse_venv=True, tags=["suite"])
 @nox.parametrize("backend", list(VARIANTS), ids=list(VARIANTS))
 def patch(session: nox.Session, backend: str) -> None:
     """Single-device fwd/bwd parity of each model across attention and MoE backends, then merge.
@@ -41,7 +43,7 @@ def patch(session: nox.Session, backend: str) -> None:
     suites.run_patch(session, backend)
 
 
-@nox.session(reuse_venv=True)
+@nox.session(reuse_venv=True, tags=["suite"])
 @nox.parametrize("backend", list(VARIANTS), ids=list(VARIANTS))
 def e2e(session: nox.Session, backend: str) -> None:
     """FSDP2 + Ulysses sp + ep training parity: per-step loss/grad_norm of each layout vs sp1_ep1, then merge.
@@ -63,7 +65,7 @@ def merge(session: nox.Session) -> None:
     suites.run_merge(session)
 
 
-@nox.session(reuse_venv=True)
+@nox.session(reuse_venv=True, tags=["suite"])
 def vlm_trainer(session: nox.Session) -> None:
     """freeze_vit freezes exactly the vision (and audio) tower of each VLM/Omni toy model, then merge.
 
@@ -72,7 +74,7 @@ def vlm_trainer(session: nox.Session) -> None:
     vlm.run_vlm_trainer(session)
 
 
-@nox.session(reuse_venv=True)
+@nox.session(reuse_venv=True, tags=["suite"])
 def dummy_forward(session: nox.Session) -> None:
     """Rank-asymmetric multimodal batches under 2-rank FSDP2 must finish, not hang; then merge.
 
@@ -81,6 +83,30 @@ def dummy_forward(session: nox.Session) -> None:
     turns the dummy_forward hook off: the same run must then fail fast with every rank's stack.
     """
     vlm.run_dummy_forward(session)
+
+
+@nox.session(reuse_venv=True, default=False)
+def new_model(session: nox.Session) -> None:
+    """Scaffold a model: toy config shrunk to the toy rules, README of every change, registry entry.
+
+    Usage: nox -s new_model -- MODEL_TYPE [--from config.json] [--id ID] [--origin URL] [--force]
+    Without --from, transformers' defaults for MODEL_TYPE are shrunk. Checks the toy loads, follows
+    the toy rules, builds and runs forward+backward on CPU before writing toy_config/<ID>_toy/ and
+    appending [ID] to toy_config/registry.toml. Exit 2: unknown type or existing folder (--force).
+    """
+    onboard.run_new_model(session)
+
+
+@nox.session(reuse_venv=True, default=False)
+def checklist(session: nox.Session) -> None:
+    """The onboarding checklist for one model, one line per item with the fix; exit 1 if one fails.
+
+    Usage: nox -s checklist -- ID [--run] [--results DIR]
+    Toy config and README against the config, registry entry, MoE fields, unsupported modes,
+    max_sp_size, and the suites' collection in this env (seconds). --run then queues every suite
+    that applies to ID (patch, e2e; vlm_trainer, dummy_forward for VLM/Omni) and one merge.
+    """
+    onboard.run_checklist(session)
 
 
 @nox.session(reuse_venv=True, default=False)
