@@ -31,7 +31,7 @@ nox.options.reuse_venv = "yes"
 nox.options.sessions = ["patch"]
 
 
-@nox.session(reuse_venv=True, tags=["suite"])
+@nox.session(reuse_venv=True)
 @nox.parametrize("backend", list(VARIANTS), ids=list(VARIANTS))
 def patch(session: nox.Session, backend: str) -> None:
     """Single-device fwd/bwd parity of each model across attention and MoE backends, then merge.
@@ -43,7 +43,7 @@ def patch(session: nox.Session, backend: str) -> None:
     suites.run_patch(session, backend)
 
 
-@nox.session(reuse_venv=True, tags=["suite"])
+@nox.session(reuse_venv=True)
 @nox.parametrize("backend", list(VARIANTS), ids=list(VARIANTS))
 def e2e(session: nox.Session, backend: str) -> None:
     """FSDP2 + Ulysses sp + ep training parity: per-step loss/grad_norm of each layout vs sp1_ep1, then merge.
@@ -65,7 +65,7 @@ def merge(session: nox.Session) -> None:
     suites.run_merge(session)
 
 
-@nox.session(reuse_venv=True, tags=["suite"])
+@nox.session(reuse_venv=True)
 def vlm_trainer(session: nox.Session) -> None:
     """freeze_vit freezes exactly the vision (and audio) tower of each VLM/Omni toy model, then merge.
 
@@ -74,7 +74,7 @@ def vlm_trainer(session: nox.Session) -> None:
     vlm.run_vlm_trainer(session)
 
 
-@nox.session(reuse_venv=True, tags=["suite"])
+@nox.session(reuse_venv=True)
 def dummy_forward(session: nox.Session) -> None:
     """Rank-asymmetric multimodal batches under 2-rank FSDP2 must finish, not hang; then merge.
 

@@ -513,7 +513,7 @@ def run_checklist(case_id: str, *, queued: bool = False, collection: bool = True
 
 def _rel(path: Path) -> str:
     try:
-        return str(Path(path).resolve().relative_to(ROOT))
+        return str(Path(os.path.abspath(path)).relative_to(ROOT))  # not resolve(): venv pythons are links
     except ValueError:
         return str(path)
 

@@ -53,21 +53,42 @@ VISION_WIDTH, VISION_HEADS, VISION_FFN, AUDIO_WIDTH, AUDIO_HEADS, AUDIO_FFN = 12
 SLIDING_WINDOW = 32
 #: Multimodal placeholders sit above the text ids the batches draw from [3, 1000).
 SPECIAL_TOKEN_IDS = {
-    "image_token_id": 1000, "image_token_index": 1000,
-    "video_token_id": 1001, "video_token_index": 1001,
-    "vision_start_token_id": 1002, "vision_end_token_id": 1003,
-    "audio_token_id": 1004, "audio_token_index": 1004,
-    "audio_start_token_id": 1005, "audio_end_token_id": 1006,
-}  # fmt: skip
+    "image_token_id": 1000,
+    "image_token_index": 1000,
+    "video_token_id": 1001,
+    "video_token_index": 1001,
+    "vision_start_token_id": 1002,
+    "vision_end_token_id": 1003,
+    "audio_token_id": 1004,
+    "audio_token_index": 1004,
+    "audio_start_token_id": 1005,
+    "audio_end_token_id": 1006,
+}
 TEXT_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 FIRST_FREE_TOKEN_ID = 1007
 #: Bookkeeping of PretrainedConfig that says nothing about the architecture.
-NOISE_KEYS = frozenset({
-    "transformers_version", "_name_or_path", "dtype", "torch_dtype", "output_hidden_states",
-    "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
-    "id2label", "label2id", "auto_map", "quantization_config", "architectures", "use_return_dict",
-    "_attn_implementation_autoset", "_commit_hash",
-})  # fmt: skip
+NOISE_KEYS = frozenset(
+    {
+        "transformers_version",
+        "_name_or_path",
+        "dtype",
+        "torch_dtype",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "problem_type",
+        "id2label",
+        "label2id",
+        "auto_map",
+        "quantization_config",
+        "architectures",
+        "use_return_dict",
+        "_attn_implementation_autoset",
+        "_commit_hash",
+    }
+)
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 MISSING = object()
 
@@ -307,9 +328,12 @@ def _shrink_text(t: _Editor, notes: list[str], *, mm: bool, mrope_default: list[
         )
     if _is_int(t.get("intermediate_size")):
         if experts_key and "moe_intermediate_size" not in t:
-            t.set("intermediate_size", EXPERT_WIDTH,
-                  f"the expert FFN width (no moe_intermediate_size): {EXPERTS} experts x {LAYERS} layers "
-                  "stay within the parameter budget")  # fmt: skip
+            t.set(
+                "intermediate_size",
+                EXPERT_WIDTH,
+                f"the expert FFN width (no moe_intermediate_size): {EXPERTS} experts x {LAYERS} layers "
+                "stay within the parameter budget",
+            )
         else:
             t.set("intermediate_size", INTERMEDIATE, "2 x hidden")
     t.set("vocab_size", VOCAB, "text ids [3, 1000) plus the special ids >= 1000")
@@ -341,8 +365,12 @@ def _shrink_text(t: _Editor, notes: list[str], *, mm: bool, mrope_default: list[
     if isinstance(jitter, (int, float)) and not isinstance(jitter, bool) and jitter != 0:
         t.set("router_jitter_noise", 0.0, "random router noise would make two backends differ")
 
-    for key, value in (("linear_key_head_dim", 64), ("linear_value_head_dim", 64),
-                       ("linear_num_key_heads", 2), ("linear_num_value_heads", 4)):  # fmt: skip
+    for key, value in (
+        ("linear_key_head_dim", 64),
+        ("linear_value_head_dim", 64),
+        ("linear_num_key_heads", 2),
+        ("linear_num_value_heads", 4),
+    ):
         if _is_int(t.get(key)):
             t.set(key, value, "linear-attention heads: even counts, head dim 64")
     layer_types = t.get("layer_types")
@@ -375,8 +403,14 @@ def _shrink_text(t: _Editor, notes: list[str], *, mm: bool, mrope_default: list[
             section = scale_section(list(current), half)
             if section != rope.get("mrope_section"):
                 new_rope["mrope_section"] = section
-                changed.append(("mrope_section", current, section,
-                                f"sums to head_dim x partial_rotary_factor / 2 = {half}"))  # fmt: skip
+                changed.append(
+                    (
+                        "mrope_section",
+                        current,
+                        section,
+                        f"sums to head_dim x partial_rotary_factor / 2 = {half}",
+                    )
+                )
         if rope.get("rope_type") == "llama3" and (rope.get("original_max_position_embeddings") or 0) > 1024:
             new_rope["original_max_position_embeddings"] = 1024
             old = rope["original_max_position_embeddings"]
@@ -569,8 +603,11 @@ def shrink(
     if family != "text":
         for name in toy_rules.SPECIAL_IDS[: 4 if family == "vlm" else 7]:
             if not any(_is_int(top.get(f"{name}{suffix}")) for suffix in ("_token_id", "_token_index")):
-                top.set(f"{name}_token_id", SPECIAL_TOKEN_IDS[f"{name}_token_id"],
-                        "the batches and the rope index need it; the source keeps it elsewhere")  # fmt: skip
+                top.set(
+                    f"{name}_token_id",
+                    SPECIAL_TOKEN_IDS[f"{name}_token_id"],
+                    "the batches and the rope index need it; the source keeps it elsewhere",
+                )
     for editor in {id(e): e for e in (top, text, vision, audio) if e is not None}.values():
         _no_randomness(editor)
     text.set("use_cache", False, "a KV cache silently disables packed-sequence masks")
@@ -813,9 +850,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     reg = root / registry.REGISTRY_FILE
     print(f"  wrote {folder / 'config.json'}, {folder / 'README.md'}")
-    print(f"  registry: {'added' if added else 'kept the existing'} [{case_id}] in {reg}"
-          + (f" ({', '.join(f'{k} = {v!r}' for k, v in scaffold.registry_fields.items())})"
-             if added and scaffold.registry_fields else ""))  # fmt: skip
+    print(
+        f"  registry: {'added' if added else 'kept the existing'} [{case_id}] in {reg}"
+        + (
+            f" ({', '.join(f'{k} = {v!r}' for k, v in scaffold.registry_fields.items())})"
+            if added and scaffold.registry_fields
+            else ""
+        )
+    )
     suites = registry.SUITES_BY_FAMILY[scaffold.family]
     print("next:")
     print(f"  nox -s checklist -- {case_id}          # the onboarding checklist, seconds")
