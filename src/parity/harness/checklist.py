@@ -21,6 +21,7 @@ Exit code: 0 when no item fails, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -287,9 +288,10 @@ def _unsupported_item(case: registry.Case) -> Item:
         if name in EXPERTS_NAMES and name not in ATTENTION_NAMES and not case.is_moe:
             problems.append(f"{name!r} is an experts implementation, but {case.id} is not MoE")
         elif name not in ATTENTION_NAMES | EXPERTS_NAMES:
-            problems.append(
-                f"{name!r} is no mode name (known: {', '.join(sorted(ATTENTION_NAMES | EXPERTS_NAMES))})"
-            )
+            close = difflib.get_close_matches(name, sorted(ATTENTION_NAMES | EXPERTS_NAMES), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            known = ", ".join(sorted(ATTENTION_NAMES | EXPERTS_NAMES))
+            problems.append(f"{name!r} is no mode name ({hint}known: {known})")
         elif name in (modes.REFERENCE_ATTENTION, modes.REFERENCE_EXPERTS):
             problems.append(f"{name!r} is the reference: without it nothing can be compared")
         elif not why.strip():
@@ -408,11 +410,11 @@ def collect(case_id: str, files: list[str]) -> tuple[int, list[str], str]:
     ]
     proc = subprocess.run([*cmd, *files, "-k", case_id], cwd=ROOT, env=env, capture_output=True, text=True)
     nodes = [line.strip() for line in proc.stdout.splitlines() if "::" in line and not line.startswith(" ")]
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+    tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-2:])
     return proc.returncode, nodes, tail
 
 
-def _collect_item(case: registry.Case) -> Item:
+def _collect_item(case: registry.Case, fix_hint: str = "") -> Item:
     seed = "pytest --collect-only -k <model> shows expected test cases"
     files = [SUITE_FILES[s] for s in case.suites]
     code, nodes, tail = collect(case.id, files)
@@ -421,7 +423,10 @@ def _collect_item(case: registry.Case) -> Item:
     where = f"{sys.executable} -m pytest --collect-only {' '.join(files)} -k {case.id}"
     if code not in (0, 5) or not nodes:
         why = "0 tests collected" if code == 5 or not nodes else f"pytest exit code {code}"
-        return Item("collection", seed, FAIL, f"{why}: {tail}", f"run `{where}` and fix the error it shows")
+        fix = fix_hint or f"run `{where}` and fix the error it shows"
+        return Item(
+            "collection", seed, FAIL, f"{why} in this env ({_rel(Path(sys.executable))}): {tail}", fix
+        )
     missing, extra = sorted(expected - mine), sorted(mine - expected)
     if missing or extra:
         detail = "; ".join(
@@ -495,18 +500,8 @@ def run_checklist(case_id: str, *, queued: bool = False, collection: bool = True
     items += [_moe_item(case, config), _unsupported_item(case), _e2e_item(case)]
     items += _multimodal_items(case, config)
     items.append(_sp_item(case, config))
-    if collection and reg_item.status == PASS:
-        items.append(_collect_item(case))
-    elif collection:
-        items.append(
-            Item(
-                "collection",
-                "pytest --collect-only -k <model> shows expected test cases",
-                FAIL,
-                "not collected: the suites only see registry entries",
-                reg_item.fix,
-            )
-        )
+    if collection:
+        items.append(_collect_item(case, "" if reg_item.status == PASS else reg_item.fix))
     items += _run_items(case, queued)
     return items
 
