@@ -480,6 +480,12 @@ def _shrink_vision(v: _Editor, text_hidden: int) -> None:
             and any(_is_int(i) and i >= LAYERS for i in value)
         ):
             v.set(key, [i for i in value if i < LAYERS], "indexes of blocks >= 2 no longer exist")
+    merge = v.get("spatial_merge_size")
+    if _is_int(merge) and 4 % merge:
+        v.set("spatial_merge_size", 2, "the suites' image grids (8 x 8, 4 x 8 patches) must divide by it")
+    temporal = v.get("temporal_patch_size")
+    if _is_int(temporal) and 2 % temporal:
+        v.set("temporal_patch_size", 2, "the suites' 2-frame videos must divide by it")
     if _is_int(v.get("num_position_embeddings")) and v.get("num_position_embeddings") > 64:
         v.set("num_position_embeddings", 64, "a perfect square (8 x 8) covering the suites' 8 x 8 grids")
 
