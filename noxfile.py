@@ -5,6 +5,8 @@
     nox -s "patch(eager)" -- qwen3          one variant
     nox -s e2e -- qwen3 qwen3_moe           FSDP2 + sp/ep training parity
     nox -s merge -- --results results/      merge any results folder
+    nox -s new_model -- mixtral             scaffold a toy config + README + registry entry
+    nox -s checklist -- mixtral [--run]     the onboarding checklist (and every suite that applies)
     nox --no-venv -s patch -- qwen3         GPU images: every variant in the current interpreter
     PARITY_SYSTEM_SITE=1 python3 -m nox -s patch
                                             GPU images: one env per variant on the image's packages
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from sessions import build_flash as flash_build  # noqa: E402
 from sessions import e2e as e2e_suite  # noqa: E402
-from sessions import suites, vlm  # noqa: E402
+from sessions import onboard, suites, vlm  # noqa: E402
 from sessions.variants import VARIANTS  # noqa: E402
 
 nox.needs_version = ">=2025.02.09"
@@ -85,6 +87,30 @@ def dummy_forward(session: nox.Session) -> None:
     turns the dummy_forward hook off: the same run must then fail fast with every rank's stack.
     """
     vlm.run_dummy_forward(session)
+
+
+@nox.session(reuse_venv=True, default=False)
+def new_model(session: nox.Session) -> None:
+    """Scaffold a model: toy config shrunk to the toy rules, README of every change, registry entry.
+
+    Usage: nox -s new_model -- MODEL_TYPE [--from config.json] [--id ID] [--origin URL] [--force]
+    Without --from, transformers' defaults for MODEL_TYPE are shrunk. Checks the toy loads, follows
+    the toy rules, builds and runs forward+backward on CPU before writing toy_config/<ID>_toy/ and
+    appending [ID] to toy_config/registry.toml. Exit 2: unknown type or existing folder (--force).
+    """
+    onboard.run_new_model(session)
+
+
+@nox.session(reuse_venv=True, default=False)
+def checklist(session: nox.Session) -> None:
+    """The onboarding checklist for one model, one line per item with the fix; exit 1 if one fails.
+
+    Usage: nox -s checklist -- ID [--run] [--results DIR]
+    Toy config and README against the config, registry entry, MoE fields, unsupported modes,
+    max_sp_size, and the suites' collection in this env (seconds). --run then queues every suite
+    that applies to ID (patch, e2e; vlm_trainer, dummy_forward for VLM/Omni) and one merge.
+    """
+    onboard.run_checklist(session)
 
 
 @nox.session(reuse_venv=True, default=False)

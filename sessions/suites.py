@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
 
 import nox
 
@@ -56,9 +57,28 @@ def _clear_previous(results: Path, suite: str, variant: str, models: list[str]) 
         results_path(results, suite, variant, model).unlink(missing_ok=True)
 
 
+def junit_path(results: Path, session_name: str) -> Path:
+    """``<results>/junit/<session>.xml``, e.g. ``patch-eager.xml`` for ``patch(eager)``: one per session."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", session_name).strip("-")
+    return results / "junit" / f"{stem}.xml"
+
+
+def write_skipped_junit(path: Path, session_name: str, reason: str) -> None:
+    """A JUnit file with one skipped case, so CI shows a skipped variant with its reason, not a gap."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name, why = xml_escape(session_name, {'"': "&quot;"}), xml_escape(reason, {'"': "&quot;"})
+    path.write_text(
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        f'<testsuites><testsuite name="{name}" tests="1" errors="0" failures="0" skipped="1">'
+        f'<testcase classname="parity.session" name="{name}"><skipped message="{why}"/></testcase>'
+        "</testsuite></testsuites>\n"
+    )
+
+
 def _skip(session: nox.Session, manifest: RunManifest, results: Path, reason: str) -> None:
     manifest.status, manifest.reason = "skipped", reason
     write_json_atomic(run_manifest_path(results, manifest.suite, manifest.variant), manifest.to_json())
+    write_skipped_junit(junit_path(results, session.name), session.name, reason)
     session.skip(reason)
 
 
@@ -117,6 +137,7 @@ def run_suite(
     session.notify("merge", posargs=merge_args)
 
     _clear_previous(args.results, suite, variant.name, args.models)
+    junit_path(args.results, session.name).unlink(missing_ok=True)
     manifest = RunManifest(suite, variant.name, args.models, "ran")
     reason = hardware_skip_reason(variant)
     if reason:
@@ -132,13 +153,14 @@ def run_suite(
         _skip(session, manifest, args.results, f"{variant.name}: {info.get('reason')}")
     manifest.extra = {"probe": info, "env_kind": envs.kind(session)}
 
-    pytest_args = ["-p", "no:cacheprovider", "-v", "-s", f"--rootdir={ROOT}"]
+    junit = junit_path(args.results, session.name)
+    pytest_args = ["-p", "no:cacheprovider", "-v", "-s", f"--rootdir={ROOT}", f"--junitxml={junit}"]
     if info.get("pytest_timeout"):
         # Per-test timeout markers in a suite are tighter and take precedence; this bounds the rest.
         pytest_args += [f"--timeout={args.timeout:g}", "--timeout-method=thread"]
     else:
         session.warn("pytest-timeout is not installed in this env: a hung case will not be stopped")
-    session.log(f"{session.name}: {len(args.models)} model(s), results -> {args.results}")
+    session.log(f"{session.name}: {len(args.models)} model(s), results -> {args.results}, JUnit -> {junit}")
     with session.chdir(ROOT):
         code = _run_pytest(session, [*pytest_args, *node_ids(args.models)], env)
     manifest.exit_code = code
@@ -167,8 +189,13 @@ def run_patch(session: nox.Session, variant_name: str) -> None:
 def _run_pytest(session: nox.Session, args: list[str], env: dict[str, str]) -> int:
     """Run pytest and return its exit code instead of raising, so the manifest can record it."""
     wrapper = "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))"
+    return run_command(session, [envs.python(session), "-c", wrapper, *args], env)
+
+
+def run_command(session: nox.Session, cmd: list[str], env: dict[str, str]) -> int:
+    """Run a command and return its exit code instead of raising (callers map codes to verdicts)."""
     try:
-        session.run(envs.python(session), "-c", wrapper, *args, env=env, external=True)
+        session.run(*cmd, env=env, external=True)
     except nox.command.CommandFailed as exc:
         code = getattr(exc, "return_code", None)
         if code is None:
@@ -188,11 +215,14 @@ def run_tests(session: nox.Session) -> None:
     session.log(envs.prepare(session, requirements, system_site_ok=False))
     env = _env(Path(session.create_tmp()) / "results", "eager")
     env.pop("PARITY_RESULTS")
+    # First, so a --junitxml among the user's arguments wins (pytest keeps the last one).
+    junit = f"--junitxml={junit_path(DEFAULT_RESULTS, session.name)}"
     with session.chdir(ROOT):
         session.run(
             envs.python(session),
             "-m",
             "pytest",
+            junit,
             *(session.posargs or ["tests", "-q"]),
             env=env,
             external=True,

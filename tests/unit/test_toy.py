@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from parity.harness import toy
+from parity.harness import toy, toy_rules
 from parity.results import registry
 
 #: The models this repo ships: pinned here once, so deleting one is noticed. Every rule below runs on
@@ -20,8 +20,7 @@ SHIPPED = {
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "qwen3_omni_moe",
 }  # fmt: skip
 EXPECTED_IDS = sorted(registry.ids())
-MIN_PARAMS, MAX_PARAMS = 200_000, 5_000_000
-SPECIAL_IDS = ("image", "video", "vision_start", "vision_end", "audio", "audio_start", "audio_end")
+MIN_PARAMS, MAX_PARAMS = toy_rules.MIN_PARAMS, toy_rules.MAX_PARAMS
 
 
 @pytest.fixture(autouse=True)
@@ -136,68 +135,44 @@ def test_lookup_imports_no_torch() -> None:
 
 
 def _text(config):  # noqa: ANN001, ANN202
-    return getattr(config, "text_config", None) or config
-
-
-def _head_dim(text) -> int:  # noqa: ANN001
-    """The config's head_dim, or what the model derives when the field is absent."""
-    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-
-
-def _rotary_half(text) -> int:  # noqa: ANN001
-    factor = (text.rope_parameters or {}).get("partial_rotary_factor", 1.0)
-    return int(_head_dim(text) * factor) // 2
+    return toy_rules.text_config(config)
 
 
 @pytest.mark.parametrize("model_id", EXPECTED_IDS)
 def test_toy_config_follows_kernel_friendly_rules(model_id: str) -> None:
-    config = toy.load_config(model_id)
-    text = _text(config)
-    assert text.num_hidden_layers == 2
-    assert text.hidden_size % 64 == 0
-    assert text.num_attention_heads % 2 == 0 and text.num_key_value_heads % 2 == 0
-    assert text.vocab_size <= 2048
-    if config.model_type == "deepseek_v3":
-        assert text.qk_nope_head_dim + text.qk_rope_head_dim == 64
-        assert text.v_head_dim != 64 and text.q_lora_rank and text.kv_lora_rank
-        assert (text.first_k_dense_replace, text.n_group, text.topk_group) == (1, 1, 1)
-    else:
-        assert _head_dim(text) in (64, 128)
-    for key in ("attention_dropout", "residual_dropout"):
-        assert getattr(text, key, 0.0) == 0.0
-    assert text.use_cache is False
-
-    if toy.is_moe(config):
-        experts = getattr(text, "num_experts", None) or getattr(text, "n_routed_experts", None)
-        assert experts >= 8
-        assert text.num_experts_per_tok == 2
-
-    family = toy.model_family(config)
-    if family != "text":
-        section = text.rope_parameters["mrope_section"]
-        assert sum(section) == _rotary_half(text), (section, _rotary_half(text))
-        vision = config.vision_config
-        width = getattr(vision, "embed_dim", None) or vision.hidden_size
-        assert width % 64 == 0 and vision.num_heads % 2 == 0 and width // vision.num_heads == 64
-        for name in SPECIAL_IDS[: 4 if family == "vlm" else 7]:
-            value = getattr(config, f"{name}_token_id", None)
-            assert isinstance(value, int) and 1000 <= value < text.vocab_size, name
-    if family == "omni":
-        assert config.model_type.endswith("_thinker")
-        audio = config.audio_config
-        assert audio.encoder_attention_heads % 2 == 0 and audio.d_model // audio.encoder_attention_heads == 64
-    if config.model_type.startswith("qwen3_5"):
-        assert list(text.layer_types) == ["linear_attention", "full_attention"]
-        assert text.linear_num_key_heads % 2 == 0 and text.linear_num_value_heads % 2 == 0
+    """The rules live in parity.harness.toy_rules (new_model and the checklist apply the same ones)."""
+    assert toy_rules.violations(toy.load_config(model_id)) == []
 
 
 @pytest.mark.parametrize("model_id", EXPECTED_IDS)
 def test_readme_names_origin_and_changes(model_id: str) -> None:
     readme = (toy.config_path(model_id).parent / "README.md").read_text()
-    assert "huggingface.co/" in readme
-    assert "## Shrunk / changed" in readme
-    if toy.model_family(toy.load_config(model_id)) == "omni":
-        assert "Thinker only" in readme
+    assert toy_rules.readme_violations(readme, toy.model_family(toy.load_config(model_id))) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"num_hidden_layers": 4}, "num_hidden_layers is 4, must be 2"),
+        ({"hidden_size": 200, "head_dim": 64}, "hidden_size 200 is not a multiple of 64"),
+        ({"num_key_value_heads": 1}, "num_key_value_heads 1 is odd"),
+        ({"head_dim": 96}, "head_dim is 96, must be 64 or 128"),
+        ({"use_cache": True}, "use_cache is True, must be false"),
+        ({"num_experts": 4}, "experts: 4, need >= 8"),
+        ({"num_experts_per_tok": 4}, "num_experts_per_tok is 4, must be 2"),
+        ({"vocab_size": 4096}, "vocab_size 4096 > 2048"),
+    ],
+)
+def test_rule_violations_name_field_and_value(tmp_path: Path, edit: dict, needle: str) -> None:
+    data = json.loads(toy.config_path("qwen3_moe").read_text()) | edit
+    path = _write(tmp_path / "bad_toy" / "config.json", json.dumps(data))
+    found = toy_rules.violations(toy.load_config(path))
+    assert any(needle in v for v in found), found
+
+
+def test_readme_rules_name_what_is_missing() -> None:
+    found = toy_rules.readme_violations("# toy\n\nhidden 256\n", "omni")
+    assert len(found) == 3 and "huggingface.co/" in found[0] and "Shrunk / changed" in found[1]
 
 
 def test_family_and_moe_classification() -> None:

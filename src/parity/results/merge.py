@@ -378,11 +378,42 @@ def render_table(rows: list[Row]) -> str:
 
 
 def render_markdown(report: Report, results: Path) -> str:
+    """The summary for a human and for a CI step summary (``cat summary.md >> $GITHUB_STEP_SUMMARY``).
+
+    Verdict first, then one line per (suite, model) with its verdict counts, then every comparison,
+    then the problems: a reader sees in two lines whether to scroll, and which model to scroll to.
+    """
+    headline = {
+        EXIT_OK: "PASS: every comparison within tolerance",
+        EXIT_BREACH: "FAIL: a tolerance breach or a mode that raised",
+        EXIT_INVALID: "INVALID: missing, skipped-but-required, invalid or mismatched evidence",
+    }.get(report.exit_code, "unknown exit code")
+    counts: dict[str, int] = defaultdict(int)
+    for r in report.rows:
+        counts[r.verdict or "-"] += 1
+    tally = ", ".join(f"{verdict} {n}" for verdict, n in sorted(counts.items())) or "no rows"
     out = [f"# parity merge: {results}", "", f"exit code: {report.exit_code}", ""]
+    out += [f"**{headline}** ({tally}; {len(report.problems)} problem(s))", ""]
+
+    by_model: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in report.rows:
+        entry = by_model.setdefault((r.suite, r.model), {"variants": set(), "verdicts": defaultdict(int)})
+        entry["variants"].add(r.variant)
+        entry["verdicts"][r.verdict or "-"] += 1
+    if by_model:
+        out += ["## By model", "", "| suite | model | variants | verdicts |", "|---|---|---|---|"]
+        for (suite, model), entry in sorted(by_model.items()):
+            verdicts = ", ".join(f"{v} {n}" for v, n in sorted(entry["verdicts"].items()))
+            out.append(f"| {suite} | {model} | {', '.join(sorted(entry['variants']))} | {verdicts} |")
+        out += ["", "## All comparisons", ""]
+
+    def cell(value: Any) -> str:
+        return " ".join(str(value).split()).replace("|", "\\|")
+
     out.append("| " + " | ".join(COLUMNS) + " |")
     out.append("|" + "---|" * len(COLUMNS))
     for r in report.rows:
-        out.append("| " + " | ".join(str(getattr(r, c)).replace("|", "\\|") for c in COLUMNS) + " |")
+        out.append("| " + " | ".join(cell(getattr(r, c)) for c in COLUMNS) + " |")
     if report.problems:
         out += ["", "## Problems", ""] + [f"- (exit {code}) {msg}" for code, msg in report.problems]
     return "\n".join(out) + "\n"
