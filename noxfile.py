@@ -140,6 +140,18 @@ def build_flash(session: nox.Session) -> None:
     flash_build.run_build_flash(session)
 
 
+@nox.session(reuse_venv=True, default=False)
+def mutations(session: nox.Session) -> None:
+    """The planted-bug matrix: 15 realistic bugs, each must be caught; prints check and margin.
+
+    Usage: nox -s mutations [-- PYTEST ARGS]   (e.g. -- -k moe)
+    Each bug is patched into parity's backend or trainer from the test side (tests/mutations/bugs.py);
+    the clean models must pass. CPU: fp32 (e2e bugs on 2 gloo ranks); GPU: bf16, the calibrated rule.
+    The table also lands in artifacts/mutations-<device>-<dtype>.json.
+    """
+    suites.run_mutations(session)
+
+
 @nox.session(reuse_venv=True)
 def tests(session: nox.Session) -> None:
     """The toolkit's own test suite on CPU (what CI runs). Extra args go to pytest."""

@@ -223,7 +223,29 @@ def run_tests(session: nox.Session) -> None:
             "-m",
             "pytest",
             junit,
-            *(session.posargs or ["tests", "-q"]),
+            # the planted-bug matrix has its own session (nox -s mutations; CI runs both)
+            *(session.posargs or ["tests", "-q", "--ignore=tests/mutations"]),
+            env=env,
+            external=True,
+        )
+
+
+def run_mutations(session: nox.Session) -> None:
+    """The planted-bug matrix in the eager variant's env (torch + transformers, no kernels needed)."""
+    session.log(envs.prepare(session, [envs.variant_requirements("eager")]))
+    env = _env(Path(session.create_tmp()) / "results", "eager")
+    env.pop("PARITY_RESULTS")
+    with session.chdir(ROOT):
+        session.run(
+            envs.python(session),
+            "-m",
+            "pytest",
+            "tests/mutations",
+            "-q",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            *session.posargs,
             env=env,
             external=True,
         )
