@@ -147,8 +147,8 @@ def test_skipped_variant_passes_unless_required(folder):
         ("{not json", "not valid JSON (line 1"),
         ("[1, 2]", "expected a JSON object"),
         ('{"hello": "world"}', "not a parity record"),
-        ('{"schema": "parity.results.records/99", "kind": "results"}', "is not supported"),
-        ('{"schema": "parity.results.records/1", "kind": "weird"}', "unknown record kind"),
+        ('{"schema": "parity.records/99", "kind": "results"}', "is not supported"),
+        ('{"schema": "parity.records/2", "kind": "weird"}', "unknown record kind"),
     ],
 )
 def test_corrupt_or_foreign_json_is_invalid_and_named(folder, content, why):

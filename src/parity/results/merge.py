@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parity.results import golden
 from parity.results.compare import (
     deviation,
     evidence_checks,
@@ -445,9 +446,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also list every tensor of every mode (observed, allowed, ratio)",
     )
+    parser.add_argument(
+        "--export-golden", type=Path, metavar="DIR", help="save the merged metrics and fingerprints as golden"
+    )
+    parser.add_argument(
+        "--golden", type=Path, metavar="DIR", help="also compare every record with the golden metrics in DIR"
+    )
     args = parser.parse_args(argv)
 
     report = merge(args.results, suites=args.suite, models=args.models, require=args.require)
+    if args.golden is not None:
+        check_golden(report, args.golden)
     if report.rows:
         print(render_table(report.rows))
     if args.detail and report.files:
@@ -462,8 +471,36 @@ def main(argv: list[str] | None = None) -> int:
         EXIT_BREACH: "FAIL (tolerance breach or error)",
         EXIT_INVALID: "INVALID (missing, skipped-but-required, invalid or mismatched records)",
     }[report.exit_code]
+    if args.export_golden is not None:
+        if report.exit_code != EXIT_OK:
+            print(f"golden: not exported: the merge did not pass (exit {report.exit_code})", file=sys.stderr)
+        else:
+            for path in golden.export(report.files, args.export_golden):
+                print(f"golden: wrote {path}")
     print(f"merge: {verdict}: {len(report.rows)} rows, {len(report.problems)} problems")
     return report.exit_code
+
+
+def check_golden(report: Report, folder: Path) -> None:
+    """Hold every results file against the golden file of its own environment (device, dtype, versions)."""
+    for f in report.files:
+        ok = [r for r in f.records if r.get("status") == "ok"]
+        if not ok:
+            continue
+        try:
+            payload = golden.load(folder, golden.env_key(ok[0]["fingerprint"]))
+        except golden.GoldenError as exc:
+            report.fail(EXIT_INVALID, f"{f.suite}({f.variant}) {f.model}: golden: {exc}")
+            continue
+        lines, failures = golden.render(golden.compare_file(f, payload))
+        for line in lines:
+            print(line)
+        for message in failures:
+            missing = "no golden entry" in message or "config changed" in message
+            report.fail(
+                EXIT_INVALID if missing else EXIT_BREACH,
+                f"{f.suite}({f.variant}) {f.model}: golden: {message}",
+            )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "parity.results.records/1"
+# /2: per-tensor evidence and fingerprints, unsupported status, e2e step-0 and layout evidence
+SCHEMA = "parity.records/2"
 RUN_KIND = "run"
 RESULTS_KIND = "results"
 
@@ -203,7 +204,7 @@ def _load(path: Path) -> dict[str, Any]:
         raise RecordError(f"{path}: expected a JSON object, got {type(payload).__name__}")
     schema = payload.get("schema")
     if schema != SCHEMA:
-        if isinstance(schema, str) and schema.startswith("parity.results.records/"):
+        if isinstance(schema, str) and schema.startswith("parity.records/"):
             raise RecordError(
                 f"{path}: schema {schema!r} is not supported by this merge (expects {SCHEMA!r})"
             )
