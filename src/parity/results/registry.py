@@ -323,9 +323,8 @@ def problems() -> list[str]:
     found = []
     for model_id in known_models():
         if model_id not in registered:
-            found.append(
-                f"{toy_root() / (model_id + SUFFIX)} has no entry in {_registry_path()}: add a [{model_id}] table"
-            )
+            folder = toy_root() / (model_id + SUFFIX)
+            found.append(f"{folder} has no entry in {_registry_path()}: add a [{model_id}] table")
     for model_id in sorted(registered):
         try:
             _make_case(model_id, _load_table()[model_id], _registry_path())
