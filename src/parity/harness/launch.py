@@ -16,7 +16,11 @@ Layers, innermost fires first (see DESIGN.md, "Hangs: fail fast, say where, leav
 3. This launcher's watchdog at ``timeout_s``: snapshot every descendant pid, SIGUSR1 each rank and
    collect its stack, SIGTERM torchrun, give it a grace period, then SIGKILL every remembered
    descendant and verify none survive. The same sweep runs after *every* launch (success, crash,
-   KeyboardInterrupt, exception), so no process outlives ``launch()``.
+   KeyboardInterrupt, SIGTERM, exception), so no process outlives ``launch()``; an interrupt is
+   first forwarded to torchrun as SIGTERM (the ranks dump their stacks), then swept.
+4. The guardian (:mod:`parity.harness._guardian`), torchrun's parent: a child subreaper that kills
+   every descendant when the launcher dies without cleaning up (SIGKILL, ``os._exit``, nox's
+   SIGTERM-then-SIGKILL 0.5 s after a Ctrl-C), within ``GUARD_GRACE_S`` plus a sweep.
 
 Processes are found three ways, because each alone misses a case: a tree walk from torchrun
 (refreshed while the job runs, so the set survives torchrun dying and the ranks being
@@ -89,6 +93,12 @@ POLL_S = 0.5  # how often the watchdog wakes to check torchrun and remember new 
 STACK_WAIT_S = 2.0  # upper bound for faulthandler dumps to land after SIGUSR1
 TERM_GRACE_S = 5.0  # time torchrun gets to tear its workers down after SIGTERM
 KILL_WAIT_S = 5.0  # time SIGKILLed processes get to disappear before we call them survivors
+#: After a Ctrl-C / SIGTERM of the launcher: time torchrun gets (after our SIGTERM) before the sweep.
+#: Short, because nox SIGKILLs its child 0.5 s after Ctrl-C; the guardian finishes the job then.
+INTERRUPT_GRACE_S = 0.5
+#: The guardian's grace between forwarding SIGTERM to torchrun and SIGKILLing every descendant.
+GUARD_GRACE_S = 0.5
+GUARDIAN = Path(__file__).with_name("_guardian.py")
 TAIL_LINES = 25
 
 _FAILURE_RE = re.compile(
@@ -285,7 +295,7 @@ def launch(
     start = time.monotonic()
     with open(log_dir / "torchrun.log", "wb") as torchrun_log:
         proc = subprocess.Popen(
-            _with_parent_death_signal(cmd),
+            guarded(cmd),
             env=child_env,
             stdin=subprocess.DEVNULL,
             stdout=torchrun_log,
@@ -306,6 +316,11 @@ def launch(
             status, returncode = "ok", EXIT_OK
         else:
             status, returncode = "crash", rc
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit from a SIGTERM handler, anything
+        _progress(f"{type(exc).__name__}: forwarding SIGTERM to torchrun, then killing what is left")
+        tree.refresh(scan_env=True)
+        _terminate(proc, grace_s=INTERRUPT_GRACE_S)
+        raise
     finally:
         # Runs on success, crash, timeout, KeyboardInterrupt and any exception alike.
         survivors = _kill_everything(proc, tree)
@@ -384,18 +399,24 @@ def _dump_stacks(tree: _ProcessTree, stack_dir: Path) -> tuple[list[int], dict[i
     return sorted(ranks), stacks
 
 
-def _terminate(proc: subprocess.Popen) -> None:
-    """SIGTERM torchrun's group and give it a grace period to shut its workers down itself."""
+def _terminate(proc: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> None:
+    """SIGTERM the guardian's group (guardian and torchrun) and give torchrun a grace period to shut
+    its workers down itself (each dumps its stack on SIGTERM)."""
     _signal_group(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=TERM_GRACE_S)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
 
 
 def _kill_everything(proc: subprocess.Popen, tree: _ProcessTree) -> list[int]:
-    """SIGKILL torchrun and every process of this launch still alive; return the survivors."""
+    """SIGKILL every process of this launch still alive; return the survivors.
+
+    Deepest first, the guardian last: if this process is itself killed half-way, the guardian is
+    still there to finish the job (it is the subreaper of whatever we did not reach).
+    """
     tree.refresh(scan_env=True)
+    tree.signal_all(signal.SIGKILL, skip=(proc.pid,))
     if proc.poll() is None:
         _signal_group(proc.pid, signal.SIGKILL)
     tree.signal_all(signal.SIGKILL)
@@ -421,23 +442,16 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _with_parent_death_signal(cmd: list[str]) -> list[str]:
-    """Prefix ``cmd`` so torchrun gets SIGTERM if the launcher dies without cleaning up.
+def guarded(cmd: list[str]) -> list[str]:
+    """``cmd`` (torchrun) run under the guardian, which outlives an abrupt end of this process.
 
-    Covers the one exit no ``finally`` sees: the launcher process being SIGKILLed or
-    ``os._exit``-ed (pytest-timeout's thread method). torchrun then tears its workers down, and
-    the ranks' self-destruct timer is the last resort. A tiny interpreter sets PR_SET_PDEATHSIG and
-    execs, because ``preexec_fn`` is unsafe when the caller has threads. Linux only.
+    The guardian (:mod:`parity.harness._guardian`) gets SIGTERM when the launcher dies
+    (PR_SET_PDEATHSIG), is the subreaper of torchrun's ranks (so orphans stay findable), forwards
+    SIGTERM to torchrun and SIGKILLs every descendant after :data:`GUARD_GRACE_S`. It covers the
+    exits no ``finally`` sees: the launcher SIGKILLed, ``os._exit``-ed (pytest-timeout's thread
+    method), or killed by nox 0.5 s into a Ctrl-C. ``python -S``: standard library only, fast start.
     """
-    if not sys.platform.startswith("linux"):
-        return cmd
-    shim = (
-        "import ctypes, os, signal, sys\n"
-        "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
-        f"if os.getppid() != {os.getpid()}: sys.exit(1)  # launcher already gone\n"
-        "os.execv(sys.argv[1], sys.argv[1:])\n"
-    )
-    return [sys.executable, "-c", shim, *cmd]
+    return [sys.executable, "-S", str(GUARDIAN), str(os.getpid()), f"{GUARD_GRACE_S:g}", "--", *cmd]
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,8 +554,11 @@ class _ProcessTree:
             if pid in table and table[pid].started == started and not table[pid].zombie
         )
 
-    def signal_all(self, sig: int) -> None:
+    def signal_all(self, sig: int, skip: Iterable[int] = ()) -> None:
+        skipped = set(skip)
         for pid in self.alive():
+            if pid in skipped:
+                continue
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -555,8 +572,11 @@ class _ProcessTree:
             pid = _read_pid(pid_file)
             if pid in alive:
                 ranks[int(pid_file.stem.removeprefix("rank_"))] = pid
+        # Ranks are torchrun's children (the guardian's grandchildren), or the guardian's own
+        # children once torchrun died (it is their subreaper); torchrun itself has no RANK.
+        parents = {self.root} | {pid for pid in alive if table[pid].ppid == self.root}
         for pid in alive:
-            if table[pid].ppid == self.root and pid not in ranks.values():
+            if table[pid].ppid in parents and pid not in ranks.values():
                 rank = _environ(pid).get("RANK")
                 if rank is not None and rank.isdigit():
                     ranks.setdefault(int(rank), pid)
@@ -668,9 +688,21 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through launch()'s finally, which kills the job
 
 
+def install_signal_handlers() -> None:
+    """Own SIGINT and SIGTERM whatever was inherited.
+
+    A process started with SIGINT ignored (``nohup``, a background job of a non-interactive shell,
+    many CI runners) inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler: a
+    Ctrl-C or ``kill -INT`` would be dropped and the job left running. Both signals unwind through
+    :func:`launch`, which forwards SIGTERM to torchrun and sweeps every descendant.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, job = _parse_args(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    install_signal_handlers()
     env = {ENV_PG_TIMEOUT: f"{args.pg_timeout:g}"} if args.pg_timeout is not None else None
     try:
         result = launch(
