@@ -91,6 +91,9 @@ def test_crash_reports_failing_rank(tmp_path: Path) -> None:
     assert result.root_cause_ranks == [1]
     assert result.failed_ranks[1] == 1
     assert "deliberate crash on rank 1" in result.summary()
+    assert result.cause() == (
+        "rank 1 raised RuntimeError: parity-test: deliberate crash on rank 1 (exit code 1) (first failure)"
+    )
     assert result.hung_ranks == []
     _assert_nothing_left(result)
 
@@ -103,6 +106,7 @@ def test_rank_killed_by_signal_is_not_ok(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert result.failed_ranks[1] == -signal.SIGKILL
     assert "rank 1: killed by SIGKILL" in result.summary()
+    assert result.cause() == "rank 1 killed by SIGKILL (first failure)"
     _assert_nothing_left(result)
 
 
@@ -121,6 +125,8 @@ def test_hang_watchdog_dumps_every_rank_and_kills_all(tmp_path: Path) -> None:
     assert "sleep_forever" in result.stacks[1]
     assert "sleep_forever" not in result.stacks[0] and "block_in_all_reduce" not in result.stacks[1]
     assert "hung ranks (alive at the deadline): [0, 1]" in summary
+    assert result.cause().startswith("timeout after 20s: ranks [0, 1] hung (rank 0 in ")
+    assert "rank 1 in sleep_forever" in result.cause()
     assert HANG_TIMEOUT_S <= result.elapsed_s < HANG_TIMEOUT_S + 15
     _assert_nothing_left(result)
 
@@ -135,6 +141,7 @@ def test_pg_timeout_fires_before_watchdog(tmp_path: Path) -> None:
     assert result.status == "crash", result.summary()
     assert result.root_cause_ranks == [0]
     assert "timed out" in _rank_log(result, 0).lower()
+    assert result.cause().startswith("rank 0 raised RuntimeError: ") and "timed out" in result.cause().lower()
     assert result.elapsed_s < 60  # nowhere near the 120 s watchdog
     assert result.hung_ranks == [] and result.returncode != EXIT_TIMEOUT
     _assert_nothing_left(result)

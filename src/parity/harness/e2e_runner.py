@@ -202,7 +202,8 @@ def fill_record(record: dict[str, Any], run: LayoutRun) -> dict[str, Any]:
         "log_dir": str(run.result.log_dir),
     }
     if run.log_dict is None or run.meta is None:
-        record.update(status="error", error=run.result.summary(), resolved={}, metrics={})
+        cause = run.result.cause() if run.result.status != "ok" else "the run wrote no log_dict.json"
+        record.update(status="error", error=run.result.summary(), cause=cause, resolved={}, metrics={})
         return record
     resolved = {
         k: v
@@ -231,7 +232,7 @@ def print_table(case_id: str, records: list[dict[str, Any]]) -> None:
     for rec in records:
         head = f"[e2e]   {rec['mode']['id']:<8} {rec['status']:<7}"
         if rec["status"] != "ok" or ref["status"] != "ok":
-            print(f"{head} {rec.get('reason') or ''}", file=sys.stderr)
+            print(f"{head} {rec.get('reason') or rec.get('cause') or ''}", file=sys.stderr)
             continue
         m, r = rec["metrics"], ref["metrics"]
         dl = [abs(a - b) for a, b in zip(m["loss"], r["loss"], strict=False)]
@@ -256,20 +257,38 @@ def run_case(
     max_sp_size: int | None,
     settings: E2ESettings,
     work: Path,
+    *,
+    fault: str = "",
 ) -> list[dict[str, Any]]:
-    """Train every layout of one model (sp1_ep1 first), record each, return the records."""
+    """Train every layout of one model (sp1_ep1 first), record each, return the records.
+
+    Fail fast: when the reference layout does not finish, nothing can be compared with it, so the
+    other layouts are not trained (on CPU that saved a minute per broken model); they are recorded
+    as ``not_run`` with "reference sp1_ep1 failed: <root cause>". ``fault`` plants a
+    :mod:`parity.harness.faults` fault in every run (negative controls).
+    """
     case_tolerance = Tolerance(rtol, atol)
     tolerance = effective_tolerance(case_tolerance, settings.dtype_name)
     modes = parallel_modes(is_moe, max_sp_size)
     writer = ResultsWriter(settings.run.results, SUITE, settings.run.variant, case_id, [m.id for m in modes])
     records = []
+    reference_failed: str | None = None
     for mode in modes:
         record = layout_record(case_id, config_path, settings, mode, is_moe, tolerance, case_tolerance)
         reason = settings.skip_reason(mode)
         if reason:
             record.update(status="skipped", reason=reason, resolved={}, metrics={})
+        elif reference_failed is not None:
+            record.update(
+                status="not_run",
+                reason=f"reference {modes[0].id} failed: {reference_failed}",
+                resolved={},
+                metrics={},
+            )
         else:
-            fill_record(record, run_layout(settings, config_path, mode, work))
+            fill_record(record, run_layout(settings, config_path, mode, work, fault=fault))
+            if mode == modes[0] and record["status"] != "ok":
+                reference_failed = record["cause"]
         writer.add(record)
         records.append(record)
     print_table(case_id, records)

@@ -120,6 +120,7 @@ class LaunchResult:
     failed_ranks: dict[int, int] = field(default_factory=dict)  # rank -> exit code (torchrun's report)
     root_cause_ranks: list[int] = field(default_factory=list)  # torchrun's "first observed failure"
     rank_logs: dict[int, Path] = field(default_factory=dict)  # local rank -> dir of stdout/stderr.log
+    timeout_s: float | None = None  # the watchdog's deadline
 
     @property
     def ok(self) -> bool:
@@ -151,6 +152,44 @@ class LaunchResult:
         if self.survivors:
             lines.append(f"  BUG: processes survived cleanup: {self.survivors}")
         return "\n".join(lines)
+
+    def cause(self) -> str:
+        """One line naming the root cause, for tables and records: which rank, and how it failed.
+
+        ``rank 1 killed by SIGKILL (first failure)``, ``rank 0 raised RuntimeError: ... (exit code 1)``,
+        ``timeout after 60s: ranks [0, 1] hung (rank 0 in all_reduce, rank 1 in _stall_forever)``.
+        The summary holds the stacks and logs; this is what a one-line report shows instead of the
+        last line of a faulthandler dump.
+        """
+        if self.status == "ok":
+            return "ok" if not self.survivors else f"ok, but processes survived cleanup: {self.survivors}"
+        if self.status == "timeout":
+            where = [f"rank {r} in {_innermost(self.stacks[r])}" for r in sorted(self.stacks)]
+            places = f" ({', '.join(where)})" if where else ""
+            after = self.timeout_s if self.timeout_s is not None else self.elapsed_s
+            return f"timeout after {after:g}s: ranks {self.hung_ranks} hung{places}"
+        rank = self.first_failed_rank()
+        if rank is None:
+            return f"torchrun exited with {_describe_exit(self.returncode)} and named no failing rank"
+        code = self.failed_ranks.get(rank)
+        how = _describe_exit(code) if code is not None else "failed"
+        log_dir = self.rank_logs.get(rank)
+        raised = _exception_line(_read_text(log_dir / "stderr.log")) if log_dir is not None else None
+        if raised and (code is None or code >= 0):
+            how = f"raised {raised}" + (f" ({_describe_exit(code)})" if code is not None else "")
+        others = sorted(r for r in self.failed_ranks if r != rank and self.failed_ranks[r] != -signal.SIGTERM)
+        also = f"; also failed: ranks {others}" if others else ""
+        return f"rank {rank} {how} (first failure){also}"
+
+    def first_failed_rank(self) -> int | None:
+        """torchrun's root-cause rank (the first to fail), else the lowest failed rank, else a rank
+        that raised on its own."""
+        if self.root_cause_ranks:
+            return self.root_cause_ranks[0]
+        if self.failed_ranks:
+            return min(self.failed_ranks)
+        raised = [r for r in sorted(self.rank_logs) if self.raised(r)]
+        return raised[0] if raised else None
 
     def _ranks_to_show(self) -> list[int]:
         # torchrun SIGTERMs the healthy ranks when one fails; their logs are noise, unless the rank
@@ -342,6 +381,7 @@ def launch(
         failed_ranks=failed if status == "crash" else {},
         root_cause_ranks=root_cause if status == "crash" else [],
         rank_logs=_find_rank_logs(log_dir / "ranks"),
+        timeout_s=timeout_s,
     )
     _progress(f"done: {status} in {elapsed:.1f}s")
     return result
@@ -641,6 +681,35 @@ def _size(path: Path) -> int:
 
 def _tail(text: str, n: int = TAIL_LINES) -> list[str]:
     return text.rstrip().splitlines()[-n:]
+
+
+_FRAME_RE = re.compile(r'File "[^"]*", line \d+ in (?P<name>\S+)')
+
+
+def _innermost(stack: str) -> str:
+    """The innermost Python function of a faulthandler dump (of the thread that took the signal)."""
+    text = stack
+    current = stack.rfind("Current thread")
+    if current != -1:
+        text = stack[current:]
+    match = _FRAME_RE.search(text)
+    return match["name"] if match else "an unknown place (no stack)"
+
+
+_RANK_PREFIX_RE = re.compile(r"^\[(?:default)?rank\d+\]:[ ]?", re.MULTILINE)
+
+
+def _exception_line(stderr: str) -> str | None:
+    """``ExceptionType: message`` of the last Python traceback in a rank's stderr, if any (torchrun's
+    ``[rankN]:`` line prefixes removed)."""
+    text = _RANK_PREFIX_RE.sub("", stderr)
+    at = text.rfind("Traceback (most recent call last):")
+    if at == -1:
+        return None
+    for line in text[at:].splitlines()[1:]:
+        if line.strip() and not line[0].isspace():
+            return line.strip()[:300]
+    return None
 
 
 def _describe_exit(code: int) -> str:
