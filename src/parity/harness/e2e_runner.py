@@ -98,9 +98,11 @@ class E2ESettings:
 @dataclass
 class LayoutRun:
     mode: ParallelMode
-    result: LaunchResult
+    result: LaunchResult  # the launch that ran it (shared by every layout of that launch)
     log_dict: dict[str, Any] | None
     meta: dict[str, Any] | None
+    status: str = "ok"  # this layout's own outcome: ok, or the failed launch's status
+    elapsed_s: float = 0.0  # this layout's own time (its share of a shared launch)
 
 
 _RUNS: dict[tuple, LayoutRun] = {}  # the negative controls reuse reference runs of the same session
@@ -111,42 +113,107 @@ def _config_file(config_path: str) -> Path:
     return path if path.is_absolute() or path.exists() else REPO_ROOT / path
 
 
+def _train_args(settings: E2ESettings, config: Path, mode: ParallelMode, out: Path) -> dict[str, Any]:
+    """One training run, as parity.train's TrainConfig fields (the --plan entries)."""
+    return {
+        "config": str(config),
+        "out": str(out),
+        "sp": mode.sp,
+        "ep": mode.ep,
+        "steps_per_epoch": STEPS_PER_EPOCH,
+        "epochs": EPOCHS,
+        "attn": settings.attn,
+        "moe": MOE_IMPLEMENTATION,
+        "dtype": settings.dtype_name,
+        "seed": SEED,
+    }
+
+
+def _read_outputs(out: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    try:
+        log_dict = json.loads((out / "log_dict.json").read_text())
+        return log_dict, json.loads((out / "run_meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_layouts(
+    settings: E2ESettings,
+    config_path: str,
+    modes: list[ParallelMode],
+    work: Path,
+    *,
+    fault: str = "",
+    stop_if_first_fails: bool = True,
+) -> dict[ParallelMode, LayoutRun]:
+    """Train these layouts of one model, in order, sharing launches (cached per session).
+
+    One job (``parity.train --plan``) trains them one after the other: torchrun and the ranks'
+    imports start once per model instead of once per layout, which on a 2-core CPU costs more than
+    a toy training. A job that dies loses only the layout it was in: the layouts after it get a
+    fresh job, unless the failed one is the first (the reference) and ``stop_if_first_fails``:
+    nothing could be compared with them, so they are not trained and are absent from the result.
+    Each layout keeps its budget: the job's watchdog is ``PARITY_E2E_RUN_TIMEOUT_S`` per layout.
+    """
+    config = _config_file(config_path)
+    runs: dict[ParallelMode, LayoutRun] = {}
+    todo: list[ParallelMode] = []
+    for mode in modes:
+        key = (str(config), mode, settings.attn, settings.dtype_name, settings.nproc, fault)
+        if key in _RUNS:
+            runs[mode] = _RUNS[key]
+        else:
+            todo.append(mode)
+    per_run_s = parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S")
+    while todo:
+        root = work / todo[0].id
+        root.mkdir(parents=True, exist_ok=True)
+        outs = {mode: work / mode.id / "out" for mode in todo}
+        if len(todo) == 1:
+            cfg = _train_args(settings, config, todo[0], outs[todo[0]])
+            args = ["-m", "parity.train"]
+            for name, value in cfg.items():
+                args += [f"--{name.replace('_', '-')}", str(value)]
+        else:
+            entries = [_train_args(settings, config, m, outs[m]) for m in todo]
+            plan = {"runs": entries, "run_timeout_s": per_run_s}
+            plan_file = root / "plan.json"
+            plan_file.write_text(json.dumps(plan, indent=2))
+            args = ["-m", "parity.train", "--plan", str(plan_file)]
+        result = launch(
+            args,
+            nproc=settings.nproc,
+            timeout_s=per_run_s * len(todo),
+            log_dir=root / "logs",
+            env=child_env(PARITY_FAULT=fault),
+        )
+        failed = None
+        for mode in todo:
+            outputs = _read_outputs(outs[mode])
+            if outputs is None:
+                status = result.status if result.status != "ok" else "crash"
+                runs[mode] = LayoutRun(mode, result, None, None, status=status, elapsed_s=result.elapsed_s)
+                failed = mode
+                break
+            log_dict, meta = outputs
+            elapsed = float(meta.get("run_s") or result.elapsed_s)
+            runs[mode] = LayoutRun(mode, result, log_dict, meta, status="ok", elapsed_s=elapsed)
+        for mode in todo[: todo.index(failed) + 1 if failed else len(todo)]:
+            key = (str(config), mode, settings.attn, settings.dtype_name, settings.nproc, fault)
+            _RUNS[key] = runs[mode]
+        if failed is None:
+            break
+        if failed == modes[0] and stop_if_first_fails:
+            break
+        todo = todo[todo.index(failed) + 1 :]
+    return runs
+
+
 def run_layout(
     settings: E2ESettings, config_path: str, mode: ParallelMode, work: Path, *, fault: str = ""
 ) -> LayoutRun:
     """One training run of one layout (cached per session by its arguments)."""
-    config = _config_file(config_path)
-    key = (str(config), mode, settings.attn, settings.dtype_name, settings.nproc, fault)
-    if key in _RUNS:
-        return _RUNS[key]
-    out = work / mode.id / "out"
-    args = [
-        "-m", "parity.train",
-        "--config", str(config),
-        "--sp", str(mode.sp),
-        "--ep", str(mode.ep),
-        "--steps-per-epoch", str(STEPS_PER_EPOCH),
-        "--epochs", str(EPOCHS),
-        "--out", str(out),
-        "--attn", settings.attn,
-        "--moe", MOE_IMPLEMENTATION,
-        "--dtype", settings.dtype_name,
-        "--seed", str(SEED),
-    ]  # fmt: skip
-    result = launch(
-        args,
-        nproc=settings.nproc,
-        timeout_s=parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S"),
-        log_dir=work / mode.id / "logs",
-        env=child_env(PARITY_FAULT=fault),
-    )
-    log_dict = meta = None
-    if result.status == "ok":
-        log_dict = json.loads((out / "log_dict.json").read_text())
-        meta = json.loads((out / "run_meta.json").read_text())
-    run = LayoutRun(mode, result, log_dict, meta)
-    _RUNS[key] = run
-    return run
+    return run_layouts(settings, config_path, [mode], work, fault=fault)[mode]
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,8 +264,8 @@ def layout_record(
 def fill_record(record: dict[str, Any], run: LayoutRun) -> dict[str, Any]:
     """Status, metrics and what actually ran, from the trainer's outputs (or the launch failure)."""
     record["launch"] = {
-        "status": run.result.status,
-        "elapsed_s": round(run.result.elapsed_s, 2),
+        "status": run.status,
+        "elapsed_s": round(run.elapsed_s, 2),
         "log_dir": str(run.result.log_dir),
     }
     if run.log_dict is None or run.meta is None:
@@ -216,7 +283,7 @@ def fill_record(record: dict[str, Any], run: LayoutRun) -> dict[str, Any]:
         metrics={
             "loss": run.log_dict["loss"],
             "grad_norm": run.log_dict["grad_norm"],
-            "wall_s": round(run.result.elapsed_s, 2),
+            "wall_s": round(run.elapsed_s, 2),
             "train_s": run.meta["train_s"],
         },
         layout=run.meta["layout"],
@@ -271,6 +338,8 @@ def run_case(
     tolerance = effective_tolerance(case_tolerance, settings.dtype_name)
     modes = parallel_modes(is_moe, max_sp_size)
     writer = ResultsWriter(settings.run.results, SUITE, settings.run.variant, case_id, [m.id for m in modes])
+    runnable = [mode for mode in modes if not settings.skip_reason(mode)]
+    runs = run_layouts(settings, config_path, runnable, work, fault=fault)
     records = []
     reference_failed: str | None = None
     for mode in modes:
@@ -278,15 +347,15 @@ def run_case(
         reason = settings.skip_reason(mode)
         if reason:
             record.update(status="skipped", reason=reason, resolved={}, metrics={})
-        elif reference_failed is not None:
+        elif mode not in runs:  # run_layouts stopped: the reference failed
             record.update(
                 status="not_run",
-                reason=f"reference {modes[0].id} failed: {reference_failed}",
+                reason=f"reference {modes[0].id} failed: {reference_failed or 'it did not run'}",
                 resolved={},
                 metrics={},
             )
         else:
-            fill_record(record, run_layout(settings, config_path, mode, work, fault=fault))
+            fill_record(record, runs[mode])
             if mode == modes[0] and record["status"] != "ok":
                 reference_failed = record["cause"]
         writer.add(record)
