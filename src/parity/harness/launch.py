@@ -9,8 +9,9 @@ reaches the ranks, and a SIGKILLed torchrun orphans them. This module owns the w
 Layers, innermost fires first (see DESIGN.md, "Hangs: fail fast, say where, leave nothing behind"):
 
 1. Collective layer: every rank builds its process group with ``timeout=PARITY_PG_TIMEOUT_S``
-   (default ``PG_TIMEOUT_FRACTION * timeout_s``), plus the NCCL async-error-handling and
-   flight-recorder variables, so a stuck collective raises inside the rank with a real error.
+   (default ``min(PG_TIMEOUT_FRACTION * timeout_s, PG_TIMEOUT_MAX_S)``), plus the NCCL
+   async-error-handling and flight-recorder variables, so a stuck collective raises inside the rank
+   with a real error.
 2. Python layer: :func:`parity.harness.rank_setup.init_rank` registers faulthandler on SIGUSR1, writing
    ``<log_dir>/stacks/rank_<r>.txt``, and a self-destruct timer (``PARITY_RANK_TIMEOUT_S``).
 3. This launcher's watchdog at ``timeout_s``: snapshot every descendant pid, SIGUSR1 each rank and
@@ -84,6 +85,10 @@ ENV_LAUNCH_ID = "PARITY_LAUNCH_ID"
 # The collective layer should fail well before the watchdog, leaving time for the failing rank to
 # print its error and for torchrun to tear the rest down on its own.
 PG_TIMEOUT_FRACTION = 0.5
+# ... and soon after a hang begins, whatever the watchdog: no collective of a toy job legitimately
+# waits a minute (start-up skew between ranks is seconds), and a hang is reported this long after it
+# begins instead of half the watchdog later (150 s for a 300 s e2e run before).
+PG_TIMEOUT_MAX_S = 60.0
 # The rank self-destruct is armed *after* the watchdog deadline: its job is to stop ranks whose
 # launcher is gone (SIGKILLed, pytest-timeout's os._exit), not to compete with the watchdog, whose
 # report (all ranks' stacks, status "timeout") is more informative than one rank's exit(1).
@@ -273,7 +278,7 @@ def rank_env(log_dir: Path, timeout_s: float, launch_id: str, env: dict[str, str
     because flight-recorder dumps do not happen with 1 (pytorch#121055). NCCL_NVLS_ENABLE is
     deliberately left exactly as inherited.
     """
-    pg_timeout_s = PG_TIMEOUT_FRACTION * timeout_s
+    pg_timeout_s = min(PG_TIMEOUT_FRACTION * timeout_s, PG_TIMEOUT_MAX_S)
     ours = {
         ENV_PG_TIMEOUT: f"{pg_timeout_s:g}",
         ENV_STACK_DIR: str(log_dir / "stacks"),
