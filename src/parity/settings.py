@@ -75,7 +75,7 @@ _ALL = (
     Setting(
         "PARITY_E2E_HANG_PG_TIMEOUT_S",
         "float",
-        "15",
+        "10",
         "process-group timeout of the planted-hang control: the collective layer must report the hang, "
         "with every rank's stack, this long after it begins",
         "user",
