@@ -225,7 +225,7 @@ def run_tests(session: nox.Session) -> None:
             envs.python(session),
             "-m",
             "pytest",
-            *(session.posargs or ["tests", "-q"]),
+            *(session.posargs or ["tests", "-q", "--durations=25"]),  # CI logs show where time goes
             env=env,
             external=True,
         )
