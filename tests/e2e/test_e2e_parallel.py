@@ -57,6 +57,38 @@ def _settings(tmp_path_factory: pytest.TempPathFactory) -> e2e.E2ESettings:
     return e2e.E2ESettings.from_env(default_results=tmp_path_factory.mktemp("results"))
 
 
+def _per_test_timeout(config: pytest.Config) -> float | None:
+    try:
+        return config.getoption("timeout", default=None) or config.getini("timeout") or None
+    except ValueError:  # pytest-timeout not installed
+        return None
+
+
+@pytest.fixture(scope="module")
+def shared_job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every selected model's layouts in one job, started by the first test that needs it.
+
+    Only when no per-test timeout is in force (``nox -s tests``, plain pytest): ``nox -s e2e``
+    passes ``--timeout`` per model, which one job for all models would outlast, so there each
+    model gets its own job (``run_case`` starts it). Either way each test asserts on its own model.
+    """
+    if _per_test_timeout(request.config):
+        return
+    models = []
+    for item in request.session.items:
+        if getattr(item, "module", None) is request.module and item.originalname in (
+            "test_text_parallel_align",
+            "test_vlm_parallel_align",
+        ):
+            p = item.callspec.params
+            models.append((p["config_path"], p["is_moe"], p["max_sp_size"]))
+    if len(models) > 1:
+        settings = _settings(tmp_path_factory)
+        start = time.monotonic()
+        e2e.prefetch(settings, models, tmp_path_factory.mktemp("e2e_shared"))
+        print(f"\n[e2e] shared job: {len(models)} models in {time.monotonic() - start:.1f}s", file=sys.stderr)
+
+
 def _check(model_name, config_path, is_moe, rtol, atol, max_sp_size, tmp_path_factory) -> None:
     settings = _settings(tmp_path_factory)
     work = tmp_path_factory.mktemp(f"e2e_{model_name}")
@@ -68,14 +100,14 @@ def _check(model_name, config_path, is_moe, rtol, atol, max_sp_size, tmp_path_fa
 
 @pytest.mark.parametrize("model_name, config_path, is_moe, rtol, atol, max_sp_size", text_test_cases)
 def test_text_parallel_align(
-    tmp_path_factory, model_name, config_path, is_moe, rtol, atol, max_sp_size
+    shared_job, tmp_path_factory, model_name, config_path, is_moe, rtol, atol, max_sp_size
 ) -> None:
     _check(model_name, config_path, is_moe, rtol, atol, max_sp_size, tmp_path_factory)
 
 
 @pytest.mark.parametrize("model_name, config_path, is_moe, rtol, atol, max_sp_size", vlm_test_cases)
 def test_vlm_parallel_align(
-    tmp_path_factory, model_name, config_path, is_moe, rtol, atol, max_sp_size
+    shared_job, tmp_path_factory, model_name, config_path, is_moe, rtol, atol, max_sp_size
 ) -> None:
     _check(model_name, config_path, is_moe, rtol, atol, max_sp_size, tmp_path_factory)
 

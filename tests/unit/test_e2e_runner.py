@@ -33,17 +33,21 @@ class FakeJobs:
         if "--plan" in args:
             runs = json.loads(Path(args[args.index("--plan") + 1]).read_text())["runs"]
         else:
-            runs = [{"out": args[args.index("--out") + 1], "sp": int(args[args.index("--sp") + 1]),
-                     "ep": int(args[args.index("--ep") + 1])}]  # fmt: skip
+            value = {k: args[args.index(f"--{k}") + 1] for k in ("out", "sp", "ep", "config")}
+            runs = [{**value, "sp": int(value["sp"]), "ep": int(value["ep"])}]
         ids = [f"sp{r['sp']}_ep{r['ep']}" for r in runs]
-        self.jobs.append(ids)
-        for run, mode_id in zip(runs, ids, strict=True):
-            if mode_id in self.dies_in:
+        models = [Path(r["config"]).parent.name if "config" in r else "" for r in runs]
+        self.jobs.append(
+            ids if len(set(models)) < 2 else [f"{m}/{i}" for m, i in zip(models, ids, strict=True)]
+        )
+        for run, mode_id, model in zip(runs, ids, models, strict=True):
+            if mode_id in self.dies_in or f"{model}/{mode_id}" in self.dies_in:
                 return LaunchResult("crash", 1, 2.0, log_dir, [], {}, [], {1: -9}, [1])
             out = Path(run["out"])
             out.mkdir(parents=True)
             (out / "log_dict.json").write_text(json.dumps({"loss": [2.0, 1.0], "grad_norm": [1.0, 1.0]}))
-            (out / "run_meta.json").write_text(json.dumps({"run_s": 0.5}))
+            meta = {"run_s": 0.5, "resolved": {}, "train_s": 0.1, "layout": {}, "fingerprint": {}}
+            (out / "run_meta.json").write_text(json.dumps(meta))
         return LaunchResult("ok", 0, 3.0, log_dir, [], {}, [])
 
 
@@ -90,3 +94,28 @@ def test_run_case_records_not_run_layouts_with_the_reference_cause(monkeypatch, 
     assert [r["status"] for r in records] == ["error", "not_run", "not_run", "not_run"]
     assert records[0]["cause"] == "rank 1 killed by SIGKILL (first failure)"
     assert records[3]["reason"] == "reference sp1_ep1 failed: rank 1 killed by SIGKILL (first failure)"
+
+
+def test_one_job_for_several_models_and_a_dead_reference_drops_only_its_model(
+    monkeypatch, tmp_path, settings
+):
+    """prefetch: llama's reference dies in the shared job; the job is restarted for qwen3_moe alone,
+    llama's sp2 layout is not trained, and run_case then launches nothing."""
+    fake = FakeJobs({"llama_toy/sp1_ep1"})
+    monkeypatch.setattr(e2e, "launch", fake)
+    monkeypatch.setattr(e2e, "_RUNS", {})
+    models = [
+        ("./toy_config/llama_toy/config.json", False, None),
+        ("./toy_config/qwen3_moe_toy/config.json", True, None),
+    ]
+    e2e.prefetch(settings, models, tmp_path / "shared")
+    moe = ["qwen3_moe_toy/" + m.id for m in MODES]
+    assert fake.jobs == [
+        ["llama_toy/sp1_ep1", "llama_toy/sp2_ep1", *moe],
+        ["sp1_ep1", "sp1_ep2", "sp2_ep1", "sp2_ep2"],
+    ]
+    records = e2e.run_case("llama", models[0][0], False, 0.1, 0.1, None, settings, tmp_path / "llama")
+    assert [r["status"] for r in records] == ["error", "not_run"]
+    records = e2e.run_case("qwen3_moe", models[1][0], True, 0.1, 0.1, None, settings, tmp_path / "moe")
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert len(fake.jobs) == 2  # run_case found everything in the cache

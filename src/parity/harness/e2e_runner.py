@@ -137,76 +137,121 @@ def _read_outputs(out: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
         return None
 
 
-def run_layouts(
-    settings: E2ESettings,
-    config_path: str,
-    modes: list[ParallelMode],
-    work: Path,
-    *,
-    fault: str = "",
-    stop_if_first_fails: bool = True,
-) -> dict[ParallelMode, LayoutRun]:
-    """Train these layouts of one model, in order, sharing launches (cached per session).
+@dataclass(frozen=True)
+class Layout:
+    """One training to run: a model (its config file), a layout, and where its outputs go."""
+
+    config: Path
+    mode: ParallelMode
+    out: Path
+
+
+def _cache_key(settings: E2ESettings, config: Path, mode: ParallelMode, fault: str) -> tuple:
+    return (str(config), mode, settings.attn, settings.dtype_name, settings.nproc, fault)
+
+
+def _launch_args(settings: E2ESettings, todo: list[Layout], root: Path) -> list[str]:
+    if len(todo) == 1:
+        args = ["-m", "parity.train"]
+        for name, value in _train_args(settings, todo[0].config, todo[0].mode, todo[0].out).items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        return args
+    entries = [_train_args(settings, t.config, t.mode, t.out) for t in todo]
+    plan = {"runs": entries, "run_timeout_s": parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S")}
+    plan_file = root / "plan.json"
+    plan_file.write_text(json.dumps(plan, indent=2))
+    return ["-m", "parity.train", "--plan", str(plan_file)]
+
+
+def train_layouts(
+    settings: E2ESettings, layouts: list[Layout], *, fault: str = ""
+) -> dict[tuple[str, ParallelMode], LayoutRun]:
+    """Train these layouts (of one model or several, each model's reference first), sharing jobs.
 
     One job (``parity.train --plan``) trains them one after the other: torchrun and the ranks'
-    imports start once per model instead of once per layout, which on a 2-core CPU costs more than
-    a toy training. A job that dies loses only the layout it was in: the layouts after it get a
-    fresh job, unless the failed one is the first (the reference) and ``stop_if_first_fails``:
-    nothing could be compared with them, so they are not trained and are absent from the result.
-    Each layout keeps its budget: the job's watchdog is ``PARITY_E2E_RUN_TIMEOUT_S`` per layout.
+    imports start once instead of once per layout, which on a 2-core CPU costs more than a toy
+    training. A job that dies loses only the layout it was in; the layouts after it get a fresh
+    job, except the other layouts of a model whose reference (its first layout) failed: nothing
+    could be compared with them, so they are not trained and are absent from the result. Each
+    layout keeps its budget (the job's watchdog is ``PARITY_E2E_RUN_TIMEOUT_S`` per layout).
+    Results are cached per session by (config, layout, attention, dtype, ranks, fault).
     """
-    config = _config_file(config_path)
-    runs: dict[ParallelMode, LayoutRun] = {}
-    todo: list[ParallelMode] = []
-    for mode in modes:
-        key = (str(config), mode, settings.attn, settings.dtype_name, settings.nproc, fault)
-        if key in _RUNS:
-            runs[mode] = _RUNS[key]
-        else:
-            todo.append(mode)
-    per_run_s = parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S")
+    references: dict[str, ParallelMode] = {}
+    for item in layouts:
+        references.setdefault(str(item.config), item.mode)
+    runs: dict[tuple[str, ParallelMode], LayoutRun] = {}
+    dead: set[str] = set()  # models whose reference failed
+    todo: list[Layout] = []
+    for item in layouts:
+        cached = _RUNS.get(_cache_key(settings, item.config, item.mode, fault))
+        if cached is None:
+            todo.append(item)
+            continue
+        runs[(str(item.config), item.mode)] = cached
+        if item.mode == references[str(item.config)] and cached.status != "ok":
+            dead.add(str(item.config))
+    todo = [t for t in todo if str(t.config) not in dead]
     while todo:
-        root = work / todo[0].id
+        root = todo[0].out.parent
         root.mkdir(parents=True, exist_ok=True)
-        outs = {mode: work / mode.id / "out" for mode in todo}
-        if len(todo) == 1:
-            cfg = _train_args(settings, config, todo[0], outs[todo[0]])
-            args = ["-m", "parity.train"]
-            for name, value in cfg.items():
-                args += [f"--{name.replace('_', '-')}", str(value)]
-        else:
-            entries = [_train_args(settings, config, m, outs[m]) for m in todo]
-            plan = {"runs": entries, "run_timeout_s": per_run_s}
-            plan_file = root / "plan.json"
-            plan_file.write_text(json.dumps(plan, indent=2))
-            args = ["-m", "parity.train", "--plan", str(plan_file)]
         result = launch(
-            args,
+            _launch_args(settings, todo, root),
             nproc=settings.nproc,
-            timeout_s=per_run_s * len(todo),
+            timeout_s=parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S") * len(todo),
             log_dir=root / "logs",
             env=child_env(PARITY_FAULT=fault),
         )
-        failed = None
-        for mode in todo:
-            outputs = _read_outputs(outs[mode])
+        failed: Layout | None = None
+        for item in todo:
+            outputs = _read_outputs(item.out)
             if outputs is None:
                 status = result.status if result.status != "ok" else "crash"
-                runs[mode] = LayoutRun(mode, result, None, None, status=status, elapsed_s=result.elapsed_s)
-                failed = mode
+                run = LayoutRun(item.mode, result, None, None, status=status, elapsed_s=result.elapsed_s)
+                failed = item
+            else:
+                log_dict, meta = outputs
+                elapsed = float(meta.get("run_s") or result.elapsed_s)
+                run = LayoutRun(item.mode, result, log_dict, meta, status="ok", elapsed_s=elapsed)
+            runs[(str(item.config), item.mode)] = run
+            _RUNS[_cache_key(settings, item.config, item.mode, fault)] = run
+            if failed is not None:
                 break
-            log_dict, meta = outputs
-            elapsed = float(meta.get("run_s") or result.elapsed_s)
-            runs[mode] = LayoutRun(mode, result, log_dict, meta, status="ok", elapsed_s=elapsed)
-        for mode in todo[: todo.index(failed) + 1 if failed else len(todo)]:
-            key = (str(config), mode, settings.attn, settings.dtype_name, settings.nproc, fault)
-            _RUNS[key] = runs[mode]
         if failed is None:
             break
-        if failed == modes[0] and stop_if_first_fails:
-            break
-        todo = todo[todo.index(failed) + 1 :]
+        if failed.mode == references[str(failed.config)]:
+            dead.add(str(failed.config))
+        todo = [t for t in todo[todo.index(failed) + 1 :] if str(t.config) not in dead]
     return runs
+
+
+def run_layouts(
+    settings: E2ESettings, config_path: str, modes: list[ParallelMode], work: Path, *, fault: str = ""
+) -> dict[ParallelMode, LayoutRun]:
+    """Train these layouts of one model (the reference first) in one job; see :func:`train_layouts`.
+
+    Layouts missing from the result were not trained because the reference failed.
+    """
+    config = _config_file(config_path)
+    layouts = [Layout(config, mode, work / mode.id / "out") for mode in modes]
+    runs = train_layouts(settings, layouts, fault=fault)
+    return {mode: runs[(str(config), mode)] for mode in modes if (str(config), mode) in runs}
+
+
+def prefetch(
+    settings: E2ESettings, models: list[tuple[str, bool, int | None]], work: Path
+) -> dict[tuple[str, ParallelMode], LayoutRun]:
+    """Train every layout of these models (config path, MoE, max sp size) in one shared job.
+
+    :func:`run_case` then finds its runs in the session cache. Used by the e2e tests when no
+    per-test timeout is in force (``nox -s tests``, plain pytest): one start-up for the whole suite.
+    """
+    layouts = []
+    for config_path, is_moe, max_sp_size in models:
+        config = _config_file(config_path)
+        for mode in parallel_modes(is_moe, max_sp_size):
+            if not settings.skip_reason(mode):
+                layouts.append(Layout(config, mode, work / config.parent.name / mode.id / "out"))
+    return train_layouts(settings, layouts)
 
 
 def run_layout(
