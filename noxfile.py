@@ -61,10 +61,11 @@ def e2e(session: nox.Session, backend: str) -> None:
 
 @nox.session(venv_backend="none")
 def merge(session: nox.Session) -> None:
-    """Compare every record in a results folder with its reference; exit 0 pass, 1 breach, 2 invalid.
+    """Compare every record in a results folder with its reference: verdict pass, breach or invalid.
 
-    Usage: nox -s merge -- [--results DIR] [--suite patch] [--models M ...] [--require VARIANT]
-    Prints one table and writes summary.json and summary.md into the results folder.
+    Usage: nox -s merge -- [--results DIR] [--suite S] [--models M ...] [--require VARIANT] [--allow-mixed]
+    Prints one table and writes summary.json ("verdict", "exit_code") and summary.md into the results
+    folder. nox itself exits 1 on any failure; python -m parity.merge exits 0 pass, 1 breach, 2 invalid.
     """
     suites.run_merge(session)
 
@@ -118,7 +119,8 @@ def bench(session: nox.Session) -> None:
     """GPU benchmark, bf16 fwd+bwd: fused MoE vs grouped_mm vs eager experts; parity FA2 vs masked sdpa.
 
     Usage: nox -s bench -- [--out FILE.json] [--only moe|attention] [--iters N]
-    Prints median times, ratios, TFLOP/s and peak memory; writes JSON (default results/bench.json).
+    Prints median times, ratios, TFLOP/s and peak memory; writes JSON (default artifacts/bench.json,
+    outside results/ so the merge never reads it).
     Skipped without a CUDA GPU.
     """
     suites.run_bench(session)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +21,13 @@ from sessions.variants import ROOT, VARIANTS, Variant
 SRC = ROOT / "src"  # on sys.path already (sessions/__init__.py)
 
 from parity.results import registry  # noqa: E402
+from parity.results.merge import SUMMARY_JSON, remove_summary  # noqa: E402
 from parity.results.records import RunManifest, results_path, run_manifest_path, write_json_atomic  # noqa: E402
 
 PATCH_TEST = ROOT / "tests" / "models" / "test_models_patch.py"
 DEFAULT_RESULTS = ROOT / "results"
+#: Benchmarks are numbers, not evidence: kept out of results/ (the merge would read them as records).
+DEFAULT_BENCH_OUT = ROOT / "artifacts" / "bench.json"
 DEFAULT_TEST_TIMEOUT_S = 900
 
 
@@ -138,6 +142,7 @@ def run_suite(
 
     _clear_previous(args.results, suite, variant.name, args.models)
     junit_path(args.results, session.name).unlink(missing_ok=True)
+    remove_summary(args.results)  # an interrupted run must not leave the previous PASS behind
     manifest = RunManifest(suite, variant.name, args.models, "ran")
     reason = hardware_skip_reason(variant)
     if reason:
@@ -205,9 +210,37 @@ def run_command(session: nox.Session, cmd: list[str], env: dict[str, str]) -> in
     return 0
 
 
+def merge_verdict(results: Path, exit_code: int) -> str:
+    """The merge's verdict as summary.json spells it (``pass``/``breach``/``invalid``)."""
+    try:
+        verdict = json.loads((results / SUMMARY_JSON).read_text()).get("verdict")
+    except (OSError, ValueError, AttributeError):
+        verdict = None
+    return verdict if isinstance(verdict, str) else {0: "pass", 1: "breach"}.get(exit_code, "invalid")
+
+
 def run_merge(session: nox.Session) -> None:
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)}
-    session.run(sys.executable, "-m", "parity.results.merge", *session.posargs, env=env, external=True)
+    """Run the merge and end the session with its verdict in words.
+
+    nox exits 1 for every failed session, so a CI job calling nox cannot see the merge's 0/1/2; the
+    last log line and ``summary.json`` (``verdict``, ``exit_code``) carry it instead.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p),
+    }
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    known, _ = parser.parse_known_args(session.posargs)
+    cmd = [sys.executable, "-m", "parity.results.merge", *session.posargs]
+    session.log(" ".join(cmd))
+    code = subprocess.call(cmd, env=env)
+    verdict = merge_verdict(known.results, code)
+    summary = known.results / SUMMARY_JSON
+    line = f"merge verdict: {verdict} (python -m parity.merge exit code {code}; {summary})"
+    if code != 0:
+        session.error(line)
+    session.log(line)
 
 
 def run_tests(session: nox.Session) -> None:
@@ -223,8 +256,9 @@ def run_tests(session: nox.Session) -> None:
             "-m",
             "pytest",
             junit,
-            # the planted-bug matrix has its own session (nox -s mutations; CI runs both)
-            *(session.posargs or ["tests", "-q", "--ignore=tests/mutations"]),
+            # the planted-bug matrix has its own session (nox -s mutations; CI runs both);
+            # --durations: CI logs show where the time goes
+            *(session.posargs or ["tests", "-q", "--durations=25", "--ignore=tests/mutations"]),
             env=env,
             external=True,
         )
@@ -259,7 +293,7 @@ def run_bench(session: nox.Session) -> None:
     if not gpus:
         session.skip(f"bench needs a CUDA GPU: {why}")
     session.log(envs.prepare(session, [envs.variant_requirements("eager")]))
-    args = session.posargs or ["--out", str(DEFAULT_RESULTS / "bench.json")]
+    args = session.posargs or ["--out", str(DEFAULT_BENCH_OUT)]
     with session.chdir(ROOT):
         session.run(
             envs.python(session),

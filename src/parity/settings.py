@@ -65,7 +65,21 @@ _ALL = (
         "watchdog of one e2e training run (the e2e session sets it from --timeout)",
         "internal",
     ),
-    Setting("PARITY_E2E_HANG_TIMEOUT_S", "float", "60", "watchdog of the planted-hang control", "user"),
+    Setting(
+        "PARITY_E2E_HANG_TIMEOUT_S",
+        "float",
+        "120",
+        "watchdog of the planted-hang control (a backstop, counted from the launch)",
+        "user",
+    ),
+    Setting(
+        "PARITY_E2E_HANG_PG_TIMEOUT_S",
+        "float",
+        "10",
+        "process-group timeout of the planted-hang control: the collective layer must report the hang, "
+        "with every rank's stack, this long after it begins",
+        "user",
+    ),
     Setting(
         "PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S",
         "float",

@@ -62,7 +62,13 @@ from parity.results.records import ResultsWriter, make_record  # noqa: E402
 NPROC = 2
 STEPS = 2
 CASE_TIMEOUT_S = settings.get("PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S") or 75.0
-PG_TIMEOUT_S = min(40.0, 0.5 * CASE_TIMEOUT_S)  # the collective layer fires first, with a real error
+#: The worker uses NCCL when every rank has a GPU (parity.harness.checks.dummy_forward_check._use_gpus).
+_ON_GPUS = torch.cuda.device_count() >= 2
+# The collective layer fires first, with a real error. On GPUs rank 1's longest legitimate wait (rank
+# 0's unsharded reference) is about a second, and the negative control's NCCL hang is reported only
+# after this timeout: 10 s there (the control took 85 s at 37.5 s). gloo on a loaded 2-core CPU needs
+# the slack; its negative control fails on a size mismatch long before it anyway.
+PG_TIMEOUT_S = min(10.0 if _ON_GPUS else 40.0, 0.5 * CASE_TIMEOUT_S)
 STARTUP_S = 60.0  # torchrun + imports of both ranks, before the first case starts
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from parity.results import registry
 from parity.results.records import SCHEMA, RunManifest, run_manifest_path, write_json_atomic
 
 FINGERPRINT = {
@@ -22,8 +23,10 @@ FINGERPRINT = {
     "dtype": "float32",
     "seed": 0,
     "git_revision": "abc",
-    "config_hash": "h1",
+    "config_hash": "h1",  # replaced by the model's real toy-config hash in ResultsFolder.add_model
 }
+#: What a float32 record carries: the case tolerance capped by parity.results.compare.FP32_TOLERANCE.
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def make_record(
@@ -54,7 +57,7 @@ def make_record(
         "requested": requested,
         "resolved": resolved,
         "metrics": {"loss": loss, "grad_norm": grad_norm},
-        "tolerance": {"rtol": 1e-2, "atol": 1e-2},
+        "tolerance": dict(TOLERANCE),
         "fingerprint": copy.deepcopy(FINGERPRINT),
     }
 
@@ -89,6 +92,8 @@ class ResultsFolder:
             ]
         for r in records:
             r["model"], r["variant"] = model, variant
+            if r["fingerprint"]["config_hash"] == FINGERPRINT["config_hash"]:
+                r["fingerprint"]["config_hash"] = registry.config_hash(model)
         payload = {
             "schema": SCHEMA,
             "kind": "results",

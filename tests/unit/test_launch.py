@@ -91,6 +91,9 @@ def test_crash_reports_failing_rank(tmp_path: Path) -> None:
     assert result.root_cause_ranks == [1]
     assert result.failed_ranks[1] == 1
     assert "deliberate crash on rank 1" in result.summary()
+    assert result.cause() == (
+        "rank 1 raised RuntimeError: parity-test: deliberate crash on rank 1 (exit code 1) (first failure)"
+    )
     assert result.hung_ranks == []
     _assert_nothing_left(result)
 
@@ -103,6 +106,7 @@ def test_rank_killed_by_signal_is_not_ok(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert result.failed_ranks[1] == -signal.SIGKILL
     assert "rank 1: killed by SIGKILL" in result.summary()
+    assert result.cause() == "rank 1 killed by SIGKILL (first failure)"
     _assert_nothing_left(result)
 
 
@@ -121,6 +125,8 @@ def test_hang_watchdog_dumps_every_rank_and_kills_all(tmp_path: Path) -> None:
     assert "sleep_forever" in result.stacks[1]
     assert "sleep_forever" not in result.stacks[0] and "block_in_all_reduce" not in result.stacks[1]
     assert "hung ranks (alive at the deadline): [0, 1]" in summary
+    assert result.cause().startswith("timeout after 20s: ranks [0, 1] hung (rank 0 in ")
+    assert "rank 1 in sleep_forever" in result.cause()
     assert HANG_TIMEOUT_S <= result.elapsed_s < HANG_TIMEOUT_S + 15
     _assert_nothing_left(result)
 
@@ -135,41 +141,248 @@ def test_pg_timeout_fires_before_watchdog(tmp_path: Path) -> None:
     assert result.status == "crash", result.summary()
     assert result.root_cause_ranks == [0]
     assert "timed out" in _rank_log(result, 0).lower()
+    assert result.cause().startswith("rank 0 raised RuntimeError: ") and "timed out" in result.cause().lower()
     assert result.elapsed_s < 60  # nowhere near the 120 s watchdog
     assert result.hung_ranks == [] and result.returncode != EXIT_TIMEOUT
     _assert_nothing_left(result)
 
 
+def _ignore_sigint() -> None:
+    """How nohup'ed and background jobs of a non-interactive shell start: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _job_processes(log_dir: Path) -> list[int]:
+    """Every live process of the job under ``log_dir``, found independently of the launcher:
+    by command line (torchrun, the guardian's argv) or by the stack dir the ranks inherited."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+            continue
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        try:
+            stack_dir = proc.environ().get("PARITY_STACK_DIR", "")
+        except psutil.Error:
+            stack_dir = ""
+        if str(log_dir) in cmdline or stack_dir.startswith(str(log_dir)):
+            found.append(proc.pid)
+    return found
+
+
+def _wait_for_ranks(log_dir: Path, owner: subprocess.Popen, give_up_s: float = 40) -> list[int]:
+    pid_files = [log_dir / "stacks" / f"rank_{r}.pid" for r in (0, 1)]
+    give_up = time.monotonic() + give_up_s
+    while not all(p.exists() and p.read_text().strip() for p in pid_files):
+        assert time.monotonic() < give_up, "ranks never started"
+        assert owner.poll() is None, owner.communicate()[0]
+        time.sleep(0.2)
+    return [int(p.read_text()) for p in pid_files]
+
+
+def _gone_within(log_dir: Path, seconds: float, since: float) -> tuple[list[int], float]:
+    """(processes still alive at ``since + seconds``, when the last one disappeared)."""
+    while True:
+        left = _job_processes(log_dir)
+        now = time.monotonic()
+        if not left or now - since > seconds:
+            return left, now - since
+        time.sleep(0.05)
+
+
 @pytest.mark.distributed
-@pytest.mark.timeout(60, method="thread")
-def test_cli_interrupt_kills_the_job(tmp_path: Path) -> None:
-    """Ctrl-C on the CLI: torchrun is in its own session and never sees it; we must forward it."""
+@pytest.mark.timeout(90, method="thread")
+@pytest.mark.parametrize(
+    ("start", "sig"),
+    [("normal", signal.SIGINT), ("sigint_ignored", signal.SIGINT)],
+    ids=["normal-SIGINT", "sigint_ignored-SIGINT"],
+)
+def test_cli_interrupt_kills_the_job(tmp_path: Path, start: str, sig: int) -> None:
+    """Ctrl-C / kill on the CLI: torchrun is in its own session and never sees it; we must forward it.
+
+    ``sigint_ignored`` is how nohup and CI runners start jobs: the CLI inherits SIGINT ignored, and
+    must install its own handler anyway (it used to drop the signal and run on to its timeout).
+    """
     log_dir = tmp_path / "logs"
     cmd = [sys.executable, "-m", "parity.launch", "--nproc", "2", "--timeout", "120", "--pg-timeout", "600",
            "--log-dir", str(log_dir), "--", str(WORKERS / "hang.py")]  # fmt: skip
     cli = subprocess.Popen(
-        cmd, env={**os.environ, **_env()}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cmd,
+        env={**os.environ, **_env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_ignore_sigint if start == "sigint_ignored" else None,
     )
     try:
-        pid_files = [log_dir / "stacks" / f"rank_{r}.pid" for r in (0, 1)]
-        give_up = time.monotonic() + 40
-        while not all(p.exists() and p.read_text().strip() for p in pid_files):
-            assert time.monotonic() < give_up, "ranks never started"
-            assert cli.poll() is None, cli.communicate()[0]
-            time.sleep(0.2)
-        rank_pids = [int(p.read_text()) for p in pid_files]
+        rank_pids = _wait_for_ranks(log_dir, cli)
         assert all(_alive(pid) for pid in rank_pids)
-        cli.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        cli.send_signal(sig)
         out, _ = cli.communicate(timeout=20)
+        left, took = _gone_within(log_dir, 2.0, sent)
     finally:
         if cli.poll() is None:
             cli.kill()
-    assert cli.returncode != 0, out
+    name = signal.Signals(sig).name
+    print(f"[launch] {start} + {name}: CLI exit {cli.returncode}, job gone {took:.2f}s after the signal")
+    assert cli.returncode == 128 + sig, out
     assert [pid for pid in rank_pids if _alive(pid)] == []
-    leftovers = [
-        p.pid for p in psutil.process_iter(["cmdline"]) if str(log_dir) in " ".join(p.info["cmdline"] or [])
-    ]
-    assert leftovers == []
+    assert left == [], f"alive {took:.1f}s after {signal.Signals(sig).name}: {left}\n{out.decode()}"
+    # Forwarded, not only swept: torchrun passed SIGTERM on and every rank dumped its stack.
+    for rank in (0, 1):
+        assert "File " in (log_dir / "stacks" / f"rank_{rank}.txt").read_text(), out.decode()
+
+
+_FAKE_CLI = """
+import sys
+from parity.harness import launch as L
+agent, pids_file, log_dir = sys.argv[1:4]
+L.torchrun_command = lambda args, **kw: [sys.executable, agent, pids_file, "--log-dir", log_dir]
+sys.exit(L.main(["--nproc", "2", "--timeout", "120", "--log-dir", log_dir, "--", "x.py"]))
+"""
+
+
+@pytest.mark.timeout(30, method="thread")
+def test_cli_sigterm_started_with_sigint_ignored_kills_the_job(tmp_path: Path) -> None:
+    """SIGTERM (kill, CI cancelling a job) on the CLI, torchrun replaced by an agent that ignores
+    SIGTERM: the CLI exits 143 and nothing is left 2 s later (its sweep and the guardian)."""
+    pids_file, log_dir = tmp_path / "pids", tmp_path / "logs"
+    cli = subprocess.Popen(
+        [sys.executable, "-c", _FAKE_CLI, str(WORKERS / "fake_agent.py"), str(pids_file), str(log_dir)],
+        env={**os.environ, **_env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_ignore_sigint,
+    )
+    pids: list[int] = []
+    try:
+        give_up = time.monotonic() + 15
+        while not pids_file.exists():
+            assert time.monotonic() < give_up and cli.poll() is None, "fake agent never started"
+            time.sleep(0.05)
+        pids = [int(p) for p in pids_file.read_text().split()]
+        sent = time.monotonic()
+        cli.terminate()
+        out, _ = cli.communicate(timeout=15)
+        while any(_alive(p) for p in pids) and time.monotonic() - sent < 2.0:
+            time.sleep(0.05)
+        assert cli.returncode == 128 + signal.SIGTERM, out
+        assert [p for p in pids if _alive(p)] == [], out.decode()
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+_IN_PROCESS_LAUNCHER = """
+import sys
+from pathlib import Path
+from parity.harness.launch import launch
+launch([sys.argv[1]], nproc=2, timeout_s=120, log_dir=Path(sys.argv[2]), env={"PARITY_PG_TIMEOUT_S": "600"})
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(90, method="thread")
+def test_nox_ctrl_c_leaves_nothing_alive_after_2s(tmp_path: Path) -> None:
+    """What nox does on Ctrl-C to the pytest it runs (in which launch() runs in-process): SIGINT,
+    then SIGTERM 0.3 s later, SIGKILL 0.2 s after that, cutting the launcher's cleanup short. The
+    guardian finishes it: no process of the job is alive 2 s after the Ctrl-C."""
+    log_dir = tmp_path / "logs"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _IN_PROCESS_LAUNCHER, str(WORKERS / "hang.py"), str(log_dir)],
+        env={**os.environ, **_env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for_ranks(log_dir, owner)
+        sent = time.monotonic()
+        owner.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # nox.popen.DEFAULT_INTERRUPT_TIMEOUT
+        owner.terminate()
+        time.sleep(0.2)  # nox.popen.DEFAULT_TERMINATE_TIMEOUT
+        owner.kill()
+        owner.wait(timeout=10)
+        left, took = _gone_within(log_dir, 2.0, sent)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    print(f"[launch] nox-style Ctrl-C: job gone {took:.2f}s after SIGINT")
+    assert left == [], f"alive {took:.1f}s after the Ctrl-C: {left}"
+
+
+_FAKE_LAUNCHER = """
+import sys
+from pathlib import Path
+from parity.harness import launch as L
+agent, pids_file, log_dir, guarded = sys.argv[1:5]
+L.torchrun_command = lambda args, **kw: [sys.executable, agent, pids_file, "--log-dir", log_dir]
+if guarded == "0":
+    L.guarded = lambda cmd: cmd  # the negative control: torchrun started without its guardian
+L.launch(["x.py"], nproc=2, timeout_s=120, log_dir=Path(log_dir))
+"""
+
+
+@pytest.mark.timeout(30, method="thread")
+@pytest.mark.parametrize("guarded", [True, False], ids=["guardian", "no_guardian_negative_control"])
+def test_launcher_sigkilled_leaves_nothing_behind(tmp_path: Path, guarded: bool) -> None:
+    """The launcher dies with no chance to clean up (SIGKILL, os._exit); the "torchrun" ignores
+    SIGTERM and its "ranks" run in their own sessions. With the guardian all of them are gone within
+    2 s; without it (negative control) they all survive, so the guardian is what did it."""
+    pids_file = tmp_path / "pids"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _FAKE_LAUNCHER, str(WORKERS / "fake_agent.py"), str(pids_file),
+         str(tmp_path / "logs"), "1" if guarded else "0"],
+        env={**os.environ, **_env()},
+    )  # fmt: skip
+    pids: list[int] = []
+    try:
+        give_up = time.monotonic() + 15
+        while not pids_file.exists():
+            assert time.monotonic() < give_up and owner.poll() is None, "fake agent never started"
+            time.sleep(0.05)
+        pids = [int(p) for p in pids_file.read_text().split()]
+        killed = time.monotonic()
+        owner.kill()
+        owner.wait(timeout=10)
+        while any(_alive(p) for p in pids) and time.monotonic() - killed < 2.0:
+            time.sleep(0.05)
+        alive = [p for p in pids if _alive(p)]
+        if guarded:
+            took = time.monotonic() - killed
+            assert alive == [], f"alive {took:.1f}s after the launcher's SIGKILL: {alive}"
+        else:
+            assert alive == pids, "negative control: without the guardian these should have survived"
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_guardian_mirrors_the_exit_status_and_reaps_orphans(tmp_path: Path) -> None:
+    """Exit code and death-by-signal of the supervised command reach the launcher unchanged, and what
+    the command left behind in another session is killed (the guardian is its subreaper)."""
+    guardian = [sys.executable, "-S", str(launch_mod.GUARDIAN), str(os.getpid()), "1", "--"]
+    assert subprocess.run([*guardian, sys.executable, "-c", "raise SystemExit(3)"]).returncode == 3
+    killed = subprocess.run([*guardian, sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
+    assert killed.returncode == -signal.SIGKILL
+    leak = tmp_path / "orphan.pid"
+    leaver = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+        "start_new_session=True); "
+        f"open({str(leak)!r}, 'w').write(str(p.pid))"
+    )
+    assert subprocess.run([*guardian, sys.executable, "-c", leaver], timeout=20).returncode == 0
+    orphan = int(leak.read_text())
+    give_up = time.monotonic() + 5
+    while _alive(orphan) and time.monotonic() < give_up:
+        time.sleep(0.05)
+    try:
+        assert not _alive(orphan)
+    finally:
+        if _alive(orphan):
+            os.kill(orphan, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,6 +522,8 @@ def test_rank_env_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.Mon
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
     assert env["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "fr" / "rank_")
     assert launch_mod.rank_env(tmp_path, 60, "id", None)["PARITY_PG_TIMEOUT_S"] == "30"
+    # capped: a hang in a long job is still reported a minute after it begins
+    assert launch_mod.rank_env(tmp_path, 900, "id", None)["PARITY_PG_TIMEOUT_S"] == "60"
 
 
 @pytest.mark.parametrize(

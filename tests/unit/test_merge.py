@@ -199,13 +199,14 @@ def test_anchors_across_variants_must_agree(folder):
     assert report.exit_code == EXIT_INVALID and "references disagree" in problems(report)
 
 
-def test_anchors_from_different_configs_are_not_comparable(folder):
+def test_anchors_from_different_seeds_are_not_comparable(folder):
+    """(A different config is refused earlier, as stale: see test_merge_provenance.py.)"""
     folder.add_run("eager")
     folder.add_model(variant="eager")
     folder.add_run("fa2")
     path = folder.add_model(variant="fa2")
-    folder.edit(path, lambda p: [r["fingerprint"].update(config_hash="other") for r in p["records"]])
-    assert "config_hash differs" in problems(merge(folder.root))
+    folder.edit(path, lambda p: [r["fingerprint"].update(seed=1) for r in p["records"]])
+    assert "seed differs" in problems(merge(folder.root))
 
 
 def test_e2e_style_series_compare_per_step(folder):

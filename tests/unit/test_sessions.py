@@ -87,3 +87,77 @@ def test_merge_session_on_missing_folder_exits_2(tmp_path):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "does not exist" in out and "exit code 2" in out
+
+
+@pytest.mark.parametrize(
+    ("plant", "verdict", "code"),
+    [(None, "pass", 0), ("breach", "breach", 1), ("invalid", "invalid", 2)],
+)
+def test_merge_session_ends_with_the_verdict_in_words(tmp_path, plant, verdict, code):
+    """nox turns every failure into exit 1; its last lines and summary.json still tell them apart."""
+    import json
+
+    from conftest import ResultsFolder
+
+    folder = ResultsFolder(tmp_path / "results")
+    folder.add_run()
+    path = folder.add_model()
+    if plant == "breach":
+        folder.edit(path, lambda p: p["records"][1]["metrics"].update(loss=99.0))
+    elif plant == "invalid":
+        folder.edit(path, lambda p: p["records"][1]["metrics"].update(loss=["abc"]))
+    proc = _nox("-s", "merge", "--", "--results", str(folder.root))
+    assert proc.returncode == (0 if code == 0 else 1)
+    out = proc.stdout + proc.stderr
+    assert f"merge verdict: {verdict} (python -m parity.merge exit code {code};" in out
+    summary = json.loads((folder.root / "summary.json").read_text())
+    assert (summary["verdict"], summary["exit_code"]) == (verdict, code)
+
+
+class _FakeSession:
+    """Just enough of nox.Session for run_suite to reach its hardware check and skip."""
+
+    class Skipped(Exception):
+        pass
+
+    name = "patch(fa2)"
+    venv_backend = "none"
+
+    def __init__(self, posargs: list[str]) -> None:
+        self.posargs = posargs
+        self.notified: list = []
+
+    def notify(self, name: str, posargs: list[str]) -> None:
+        self.notified.append((name, posargs))
+
+    def error(self, message: str) -> None:
+        raise AssertionError(message)
+
+    def skip(self, reason: str) -> None:
+        raise self.Skipped(reason)
+
+
+def test_a_run_removes_the_previous_summary_before_it_starts(tmp_path, monkeypatch):
+    """An interrupted run must not leave the previous summary.json saying PASS."""
+    from sessions import suites
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "summary.json").write_text('{"verdict": "pass", "exit_code": 0}')
+    (results / "summary.md").write_text("verdict: pass")
+    monkeypatch.setattr(suites, "hardware_skip_reason", lambda variant: "no GPU here (test)")
+    session = _FakeSession(["qwen3", "--results", str(results)])
+    with pytest.raises(_FakeSession.Skipped):
+        suites.run_suite(session, "patch", "fa2", lambda models: [])
+    assert not (results / "summary.json").exists() and not (results / "summary.md").exists()
+    assert session.notified and session.notified[0][0] == "merge"
+
+
+def test_bench_default_output_is_outside_results():
+    from sessions import suites
+
+    assert suites.DEFAULT_RESULTS not in suites.DEFAULT_BENCH_OUT.parents
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(suites.DEFAULT_BENCH_OUT)], cwd=ROOT, capture_output=True
+    )
+    assert ignored.returncode == 0, "artifacts/ must be gitignored"

@@ -105,9 +105,11 @@ class E2ESettings:
 @dataclass
 class LayoutRun:
     mode: ParallelMode
-    result: LaunchResult
+    result: LaunchResult  # the launch that ran it (shared by every layout of that launch)
     log_dict: dict[str, Any] | None
     meta: dict[str, Any] | None
+    status: str = "ok"  # this layout's own outcome: ok, or the failed launch's status
+    elapsed_s: float = 0.0  # this layout's own time (its share of a shared launch)
 
 
 _RUNS: dict[tuple, LayoutRun] = {}  # the negative controls reuse reference runs of the same session
@@ -118,43 +120,153 @@ def _config_file(config_path: str) -> Path:
     return path if path.is_absolute() or path.exists() else REPO_ROOT / path
 
 
+def _train_args(settings: E2ESettings, config: Path, mode: ParallelMode, out: Path) -> dict[str, Any]:
+    """One training run, as parity.train's TrainConfig fields (the --plan entries)."""
+    return {
+        "config": str(config),
+        "out": str(out),
+        "sp": mode.sp,
+        "ep": mode.ep,
+        "steps_per_epoch": STEPS_PER_EPOCH,
+        "epochs": EPOCHS,
+        "attn": settings.attn,
+        **({"attn_kernel": settings.kernel} if settings.kernel else {}),
+        "moe": MOE_IMPLEMENTATION,
+        "dtype": settings.dtype_name,
+        "seed": SEED,
+    }
+
+
+def _read_outputs(out: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    try:
+        log_dict = json.loads((out / "log_dict.json").read_text())
+        return log_dict, json.loads((out / "run_meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One training to run: a model (its config file), a layout, and where its outputs go."""
+
+    config: Path
+    mode: ParallelMode
+    out: Path
+
+
+def _cache_key(settings: E2ESettings, config: Path, mode: ParallelMode, fault: str) -> tuple:
+    return (str(config), mode, settings.attn, settings.kernel, settings.dtype_name, settings.nproc, fault)
+
+
+def _launch_args(settings: E2ESettings, todo: list[Layout], root: Path) -> list[str]:
+    if len(todo) == 1:
+        args = ["-m", "parity.train"]
+        for name, value in _train_args(settings, todo[0].config, todo[0].mode, todo[0].out).items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        return args
+    entries = [_train_args(settings, t.config, t.mode, t.out) for t in todo]
+    plan = {"runs": entries, "run_timeout_s": parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S")}
+    plan_file = root / "plan.json"
+    plan_file.write_text(json.dumps(plan, indent=2))
+    return ["-m", "parity.train", "--plan", str(plan_file)]
+
+
+def train_layouts(
+    settings: E2ESettings, layouts: list[Layout], *, fault: str = ""
+) -> dict[tuple[str, ParallelMode], LayoutRun]:
+    """Train these layouts (of one model or several, each model's reference first), sharing jobs.
+
+    One job (``parity.train --plan``) trains them one after the other: torchrun and the ranks'
+    imports start once instead of once per layout, which on a 2-core CPU costs more than a toy
+    training. A job that dies loses only the layout it was in; the layouts after it get a fresh
+    job, except the other layouts of a model whose reference (its first layout) failed: nothing
+    could be compared with them, so they are not trained and are absent from the result. Each
+    layout keeps its budget (the job's watchdog is ``PARITY_E2E_RUN_TIMEOUT_S`` per layout).
+    Results are cached per session by (config, layout, attention, dtype, ranks, fault).
+    """
+    references: dict[str, ParallelMode] = {}
+    for item in layouts:
+        references.setdefault(str(item.config), item.mode)
+    runs: dict[tuple[str, ParallelMode], LayoutRun] = {}
+    dead: set[str] = set()  # models whose reference failed
+    todo: list[Layout] = []
+    for item in layouts:
+        cached = _RUNS.get(_cache_key(settings, item.config, item.mode, fault))
+        if cached is None:
+            todo.append(item)
+            continue
+        runs[(str(item.config), item.mode)] = cached
+        if item.mode == references[str(item.config)] and cached.status != "ok":
+            dead.add(str(item.config))
+    todo = [t for t in todo if str(t.config) not in dead]
+    while todo:
+        root = todo[0].out.parent
+        root.mkdir(parents=True, exist_ok=True)
+        result = launch(
+            _launch_args(settings, todo, root),
+            nproc=settings.nproc,
+            timeout_s=parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S") * len(todo),
+            log_dir=root / "logs",
+            env=child_env(PARITY_FAULT=fault),
+        )
+        failed: Layout | None = None
+        for item in todo:
+            outputs = _read_outputs(item.out)
+            if outputs is None:
+                status = result.status if result.status != "ok" else "crash"
+                run = LayoutRun(item.mode, result, None, None, status=status, elapsed_s=result.elapsed_s)
+                failed = item
+            else:
+                log_dict, meta = outputs
+                elapsed = float(meta.get("run_s") or result.elapsed_s)
+                run = LayoutRun(item.mode, result, log_dict, meta, status="ok", elapsed_s=elapsed)
+            runs[(str(item.config), item.mode)] = run
+            _RUNS[_cache_key(settings, item.config, item.mode, fault)] = run
+            if failed is not None:
+                break
+        if failed is None:
+            break
+        if failed.mode == references[str(failed.config)]:
+            dead.add(str(failed.config))
+        todo = [t for t in todo[todo.index(failed) + 1 :] if str(t.config) not in dead]
+    return runs
+
+
+def run_layouts(
+    settings: E2ESettings, config_path: str, modes: list[ParallelMode], work: Path, *, fault: str = ""
+) -> dict[ParallelMode, LayoutRun]:
+    """Train these layouts of one model (the reference first) in one job; see :func:`train_layouts`.
+
+    Layouts missing from the result were not trained because the reference failed.
+    """
+    config = _config_file(config_path)
+    layouts = [Layout(config, mode, work / mode.id / "out") for mode in modes]
+    runs = train_layouts(settings, layouts, fault=fault)
+    return {mode: runs[(str(config), mode)] for mode in modes if (str(config), mode) in runs}
+
+
+def prefetch(
+    settings: E2ESettings, models: list[tuple[str, bool, int | None]], work: Path
+) -> dict[tuple[str, ParallelMode], LayoutRun]:
+    """Train every layout of these models (config path, MoE, max sp size) in one shared job.
+
+    :func:`run_case` then finds its runs in the session cache. Used by the e2e tests when no
+    per-test timeout is in force (``nox -s tests``, plain pytest): one start-up for the whole suite.
+    """
+    layouts = []
+    for config_path, is_moe, max_sp_size in models:
+        config = _config_file(config_path)
+        for mode in parallel_modes(is_moe, max_sp_size):
+            if not settings.skip_reason(mode):
+                layouts.append(Layout(config, mode, work / config.parent.name / mode.id / "out"))
+    return train_layouts(settings, layouts)
+
+
 def run_layout(
     settings: E2ESettings, config_path: str, mode: ParallelMode, work: Path, *, fault: str = ""
 ) -> LayoutRun:
     """One training run of one layout (cached per session by its arguments)."""
-    config = _config_file(config_path)
-    key = (str(config), mode, settings.attn, settings.kernel, settings.dtype_name, settings.nproc, fault)
-    if key in _RUNS:
-        return _RUNS[key]
-    out = work / mode.id / "out"
-    args = [
-        "-m", "parity.train",
-        "--config", str(config),
-        "--sp", str(mode.sp),
-        "--ep", str(mode.ep),
-        "--steps-per-epoch", str(STEPS_PER_EPOCH),
-        "--epochs", str(EPOCHS),
-        "--out", str(out),
-        "--attn", settings.attn,
-        *(["--attn-kernel", settings.kernel] if settings.kernel else []),
-        "--moe", MOE_IMPLEMENTATION,
-        "--dtype", settings.dtype_name,
-        "--seed", str(SEED),
-    ]  # fmt: skip
-    result = launch(
-        args,
-        nproc=settings.nproc,
-        timeout_s=parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S"),
-        log_dir=work / mode.id / "logs",
-        env=child_env(PARITY_FAULT=fault),
-    )
-    log_dict = meta = None
-    if result.status == "ok":
-        log_dict = json.loads((out / "log_dict.json").read_text())
-        meta = json.loads((out / "run_meta.json").read_text())
-    run = LayoutRun(mode, result, log_dict, meta)
-    _RUNS[key] = run
-    return run
+    return run_layouts(settings, config_path, [mode], work, fault=fault)[mode]
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,12 +317,13 @@ def layout_record(
 def fill_record(record: dict[str, Any], run: LayoutRun) -> dict[str, Any]:
     """Status, metrics and what actually ran, from the trainer's outputs (or the launch failure)."""
     record["launch"] = {
-        "status": run.result.status,
-        "elapsed_s": round(run.result.elapsed_s, 2),
+        "status": run.status,
+        "elapsed_s": round(run.elapsed_s, 2),
         "log_dir": str(run.result.log_dir),
     }
     if run.log_dict is None or run.meta is None:
-        record.update(status="error", error=run.result.summary(), resolved={}, metrics={})
+        cause = run.result.cause() if run.result.status != "ok" else "the run wrote no log_dict.json"
+        record.update(status="error", error=run.result.summary(), cause=cause, resolved={}, metrics={})
         return record
     resolved = {
         k: v
@@ -223,7 +336,7 @@ def fill_record(record: dict[str, Any], run: LayoutRun) -> dict[str, Any]:
         metrics={
             "loss": run.log_dict["loss"],
             "grad_norm": run.log_dict["grad_norm"],
-            "wall_s": round(run.result.elapsed_s, 2),
+            "wall_s": round(run.elapsed_s, 2),
             "train_s": run.meta["train_s"],
         },
         layout=run.meta["layout"],
@@ -303,7 +416,7 @@ def print_table(case_id: str, records: list[dict[str, Any]]) -> None:
     for rec in records:
         head = f"[e2e]   {rec['mode']['id']:<8} {rec['status']:<7}"
         if rec["status"] != "ok" or ref["status"] != "ok":
-            print(f"{head} {rec.get('reason') or ''}", file=sys.stderr)
+            print(f"{head} {rec.get('reason') or rec.get('cause') or ''}", file=sys.stderr)
             continue
         m, r = rec["metrics"], ref["metrics"]
         if rec["mode"].get("role") == "anchor":
@@ -333,21 +446,41 @@ def run_case(
     max_sp_size: int | None,
     settings: E2ESettings,
     work: Path,
+    *,
+    fault: str = "",
 ) -> list[dict[str, Any]]:
-    """Train every layout of one model (sp1_ep1 first), record each, return the records."""
+    """Train every layout of one model (sp1_ep1 first), record each, return the records.
+
+    Fail fast: when the reference layout does not finish, nothing can be compared with it, so the
+    other layouts are not trained (on CPU that saved a minute per broken model); they are recorded
+    as ``not_run`` with "reference sp1_ep1 failed: <root cause>". ``fault`` plants a
+    :mod:`parity.harness.faults` fault in every run (negative controls).
+    """
     case_tolerance = Tolerance(rtol, atol)
     tolerance = effective_tolerance(case_tolerance, settings.dtype_name)
     modes = parallel_modes(is_moe, max_sp_size)
     expected = [modes[0].id, ANCHOR_ID, *[m.id for m in modes[1:]]]
     writer = ResultsWriter(settings.run.results, SUITE, settings.run.variant, case_id, expected)
+    runnable = [mode for mode in modes if not settings.skip_reason(mode)]
+    runs = run_layouts(settings, config_path, runnable, work, fault=fault)
     records = []
+    reference_failed: str | None = None
     for index, mode in enumerate(modes):
         record = layout_record(case_id, config_path, settings, mode, is_moe, tolerance, case_tolerance)
         reason = settings.skip_reason(mode)
         if reason:
             record.update(status="skipped", reason=reason, resolved={}, metrics={})
+        elif mode not in runs:  # run_layouts stopped: the reference failed
+            record.update(
+                status="not_run",
+                reason=f"reference {modes[0].id} failed: {reference_failed or 'it did not run'}",
+                resolved={},
+                metrics={},
+            )
         else:
-            fill_record(record, run_layout(settings, config_path, mode, work))
+            fill_record(record, runs[mode])
+            if mode == modes[0] and record["status"] != "ok":
+                reference_failed = record["cause"]
         writer.add(record)
         records.append(record)
         if index == 0:  # the anchor right after the reference layout it is held against

@@ -78,7 +78,10 @@ def ep_drop() -> None:
 
 def _stall_forever() -> None:
     """The planted hang: this rank never reaches the collective its peers are waiting in."""
-    print("[parity.faults] rank 1: skipping the grad-norm all-reduce (planted hang)", flush=True)
+    print(
+        f"[parity.faults] rank 1: skipping the grad-norm all-reduce (planted hang) at t={time.time():.3f}",
+        flush=True,
+    )
     while True:
         time.sleep(1.0)
 
@@ -98,10 +101,31 @@ def skip_collective_rank1() -> None:
     patch("parity.training.train", "total_grad_norm", wrap)
 
 
+def sigkill_rank1() -> None:
+    """Rank 1 dies by SIGKILL at its first grad-norm reduction (no traceback, no faulthandler dump):
+    the crash whose one-line report must say "rank 1 killed by SIGKILL"."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def total_grad_norm(*args: Any, **kwargs: Any) -> Any:
+            if dist.get_rank() == 1:
+                print("[parity.faults] rank 1: SIGKILL to itself (planted crash)", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(*args, **kwargs)
+
+        return total_grad_norm
+
+    patch("parity.training.train", "total_grad_norm", wrap)
+
+
 FAULTS: dict[str, Callable[[], None]] = {
     "ulysses_swap": ulysses_swap,
     "ep_drop": ep_drop,
     "skip_collective_rank1": skip_collective_rank1,
+    "sigkill_rank1": sigkill_rank1,
 }
 
 

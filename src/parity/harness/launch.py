@@ -9,14 +9,19 @@ reaches the ranks, and a SIGKILLed torchrun orphans them. This module owns the w
 Layers, innermost fires first (see DESIGN.md, "Hangs: fail fast, say where, leave nothing behind"):
 
 1. Collective layer: every rank builds its process group with ``timeout=PARITY_PG_TIMEOUT_S``
-   (default ``PG_TIMEOUT_FRACTION * timeout_s``), plus the NCCL async-error-handling and
-   flight-recorder variables, so a stuck collective raises inside the rank with a real error.
+   (default ``min(PG_TIMEOUT_FRACTION * timeout_s, PG_TIMEOUT_MAX_S)``), plus the NCCL
+   async-error-handling and flight-recorder variables, so a stuck collective raises inside the rank
+   with a real error.
 2. Python layer: :func:`parity.harness.rank_setup.init_rank` registers faulthandler on SIGUSR1, writing
    ``<log_dir>/stacks/rank_<r>.txt``, and a self-destruct timer (``PARITY_RANK_TIMEOUT_S``).
 3. This launcher's watchdog at ``timeout_s``: snapshot every descendant pid, SIGUSR1 each rank and
    collect its stack, SIGTERM torchrun, give it a grace period, then SIGKILL every remembered
    descendant and verify none survive. The same sweep runs after *every* launch (success, crash,
-   KeyboardInterrupt, exception), so no process outlives ``launch()``.
+   KeyboardInterrupt, SIGTERM, exception), so no process outlives ``launch()``; an interrupt is
+   first forwarded to torchrun as SIGTERM (the ranks dump their stacks), then swept.
+4. The guardian (:mod:`parity.harness._guardian`), torchrun's parent: a child subreaper that kills
+   every descendant when the launcher dies without cleaning up (SIGKILL, ``os._exit``, nox's
+   SIGTERM-then-SIGKILL 0.5 s after a Ctrl-C), within ``GUARD_GRACE_S`` plus a sweep.
 
 Processes are found three ways, because each alone misses a case: a tree walk from torchrun
 (refreshed while the job runs, so the set survives torchrun dying and the ranks being
@@ -80,6 +85,10 @@ ENV_LAUNCH_ID = "PARITY_LAUNCH_ID"
 # The collective layer should fail well before the watchdog, leaving time for the failing rank to
 # print its error and for torchrun to tear the rest down on its own.
 PG_TIMEOUT_FRACTION = 0.5
+# ... and soon after a hang begins, whatever the watchdog: no collective of a toy job legitimately
+# waits a minute (start-up skew between ranks is seconds), and a hang is reported this long after it
+# begins instead of half the watchdog later (150 s for a 300 s e2e run before).
+PG_TIMEOUT_MAX_S = 60.0
 # The rank self-destruct is armed *after* the watchdog deadline: its job is to stop ranks whose
 # launcher is gone (SIGKILLed, pytest-timeout's os._exit), not to compete with the watchdog, whose
 # report (all ranks' stacks, status "timeout") is more informative than one rank's exit(1).
@@ -89,6 +98,12 @@ POLL_S = 0.5  # how often the watchdog wakes to check torchrun and remember new 
 STACK_WAIT_S = 2.0  # upper bound for faulthandler dumps to land after SIGUSR1
 TERM_GRACE_S = 5.0  # time torchrun gets to tear its workers down after SIGTERM
 KILL_WAIT_S = 5.0  # time SIGKILLed processes get to disappear before we call them survivors
+#: After a Ctrl-C / SIGTERM of the launcher: time torchrun gets (after our SIGTERM) before the sweep.
+#: Short, because nox SIGKILLs its child 0.5 s after Ctrl-C; the guardian finishes the job then.
+INTERRUPT_GRACE_S = 0.5
+#: The guardian's grace between forwarding SIGTERM to torchrun and SIGKILLing every descendant.
+GUARD_GRACE_S = 0.5
+GUARDIAN = Path(__file__).with_name("_guardian.py")
 TAIL_LINES = 25
 
 _FAILURE_RE = re.compile(
@@ -110,6 +125,7 @@ class LaunchResult:
     failed_ranks: dict[int, int] = field(default_factory=dict)  # rank -> exit code (torchrun's report)
     root_cause_ranks: list[int] = field(default_factory=list)  # torchrun's "first observed failure"
     rank_logs: dict[int, Path] = field(default_factory=dict)  # local rank -> dir of stdout/stderr.log
+    timeout_s: float | None = None  # the watchdog's deadline
 
     @property
     def ok(self) -> bool:
@@ -141,6 +157,44 @@ class LaunchResult:
         if self.survivors:
             lines.append(f"  BUG: processes survived cleanup: {self.survivors}")
         return "\n".join(lines)
+
+    def cause(self) -> str:
+        """One line naming the root cause, for tables and records: which rank, and how it failed.
+
+        ``rank 1 killed by SIGKILL (first failure)``, ``rank 0 raised RuntimeError: ... (exit code 1)``,
+        ``timeout after 60s: ranks [0, 1] hung (rank 0 in all_reduce, rank 1 in _stall_forever)``.
+        The summary holds the stacks and logs; this is what a one-line report shows instead of the
+        last line of a faulthandler dump.
+        """
+        if self.status == "ok":
+            return "ok" if not self.survivors else f"ok, but processes survived cleanup: {self.survivors}"
+        if self.status == "timeout":
+            where = [f"rank {r} in {_innermost(self.stacks[r])}" for r in sorted(self.stacks)]
+            places = f" ({', '.join(where)})" if where else ""
+            after = self.timeout_s if self.timeout_s is not None else self.elapsed_s
+            return f"timeout after {after:g}s: ranks {self.hung_ranks} hung{places}"
+        rank = self.first_failed_rank()
+        if rank is None:
+            return f"torchrun exited with {_describe_exit(self.returncode)} and named no failing rank"
+        code = self.failed_ranks.get(rank)
+        how = _describe_exit(code) if code is not None else "failed"
+        log_dir = self.rank_logs.get(rank)
+        raised = _exception_line(_read_text(log_dir / "stderr.log")) if log_dir is not None else None
+        if raised and (code is None or code >= 0):
+            how = f"raised {raised}" + (f" ({_describe_exit(code)})" if code is not None else "")
+        others = sorted(r for r in self.failed_ranks if r != rank and self.failed_ranks[r] != -signal.SIGTERM)
+        also = f"; also failed: ranks {others}" if others else ""
+        return f"rank {rank} {how} (first failure){also}"
+
+    def first_failed_rank(self) -> int | None:
+        """torchrun's root-cause rank (the first to fail), else the lowest failed rank, else a rank
+        that raised on its own."""
+        if self.root_cause_ranks:
+            return self.root_cause_ranks[0]
+        if self.failed_ranks:
+            return min(self.failed_ranks)
+        raised = [r for r in sorted(self.rank_logs) if self.raised(r)]
+        return raised[0] if raised else None
 
     def _ranks_to_show(self) -> list[int]:
         # torchrun SIGTERMs the healthy ranks when one fails; their logs are noise, unless the rank
@@ -224,7 +278,7 @@ def rank_env(log_dir: Path, timeout_s: float, launch_id: str, env: dict[str, str
     because flight-recorder dumps do not happen with 1 (pytorch#121055). NCCL_NVLS_ENABLE is
     deliberately left exactly as inherited.
     """
-    pg_timeout_s = PG_TIMEOUT_FRACTION * timeout_s
+    pg_timeout_s = min(PG_TIMEOUT_FRACTION * timeout_s, PG_TIMEOUT_MAX_S)
     ours = {
         ENV_PG_TIMEOUT: f"{pg_timeout_s:g}",
         ENV_STACK_DIR: str(log_dir / "stacks"),
@@ -285,7 +339,7 @@ def launch(
     start = time.monotonic()
     with open(log_dir / "torchrun.log", "wb") as torchrun_log:
         proc = subprocess.Popen(
-            _with_parent_death_signal(cmd),
+            guarded(cmd),
             env=child_env,
             stdin=subprocess.DEVNULL,
             stdout=torchrun_log,
@@ -306,6 +360,11 @@ def launch(
             status, returncode = "ok", EXIT_OK
         else:
             status, returncode = "crash", rc
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit from a SIGTERM handler, anything
+        _progress(f"{type(exc).__name__}: forwarding SIGTERM to torchrun, then killing what is left")
+        tree.refresh(scan_env=True)
+        _terminate(proc, grace_s=INTERRUPT_GRACE_S)
+        raise
     finally:
         # Runs on success, crash, timeout, KeyboardInterrupt and any exception alike.
         survivors = _kill_everything(proc, tree)
@@ -327,6 +386,7 @@ def launch(
         failed_ranks=failed if status == "crash" else {},
         root_cause_ranks=root_cause if status == "crash" else [],
         rank_logs=_find_rank_logs(log_dir / "ranks"),
+        timeout_s=timeout_s,
     )
     _progress(f"done: {status} in {elapsed:.1f}s")
     return result
@@ -384,18 +444,24 @@ def _dump_stacks(tree: _ProcessTree, stack_dir: Path) -> tuple[list[int], dict[i
     return sorted(ranks), stacks
 
 
-def _terminate(proc: subprocess.Popen) -> None:
-    """SIGTERM torchrun's group and give it a grace period to shut its workers down itself."""
+def _terminate(proc: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> None:
+    """SIGTERM the guardian's group (guardian and torchrun) and give torchrun a grace period to shut
+    its workers down itself (each dumps its stack on SIGTERM)."""
     _signal_group(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=TERM_GRACE_S)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
 
 
 def _kill_everything(proc: subprocess.Popen, tree: _ProcessTree) -> list[int]:
-    """SIGKILL torchrun and every process of this launch still alive; return the survivors."""
+    """SIGKILL every process of this launch still alive; return the survivors.
+
+    Deepest first, the guardian last: if this process is itself killed half-way, the guardian is
+    still there to finish the job (it is the subreaper of whatever we did not reach).
+    """
     tree.refresh(scan_env=True)
+    tree.signal_all(signal.SIGKILL, skip=(proc.pid,))
     if proc.poll() is None:
         _signal_group(proc.pid, signal.SIGKILL)
     tree.signal_all(signal.SIGKILL)
@@ -421,23 +487,16 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _with_parent_death_signal(cmd: list[str]) -> list[str]:
-    """Prefix ``cmd`` so torchrun gets SIGTERM if the launcher dies without cleaning up.
+def guarded(cmd: list[str]) -> list[str]:
+    """``cmd`` (torchrun) run under the guardian, which outlives an abrupt end of this process.
 
-    Covers the one exit no ``finally`` sees: the launcher process being SIGKILLed or
-    ``os._exit``-ed (pytest-timeout's thread method). torchrun then tears its workers down, and
-    the ranks' self-destruct timer is the last resort. A tiny interpreter sets PR_SET_PDEATHSIG and
-    execs, because ``preexec_fn`` is unsafe when the caller has threads. Linux only.
+    The guardian (:mod:`parity.harness._guardian`) gets SIGTERM when the launcher dies
+    (PR_SET_PDEATHSIG), is the subreaper of torchrun's ranks (so orphans stay findable), forwards
+    SIGTERM to torchrun and SIGKILLs every descendant after :data:`GUARD_GRACE_S`. It covers the
+    exits no ``finally`` sees: the launcher SIGKILLed, ``os._exit``-ed (pytest-timeout's thread
+    method), or killed by nox 0.5 s into a Ctrl-C. ``python -S``: standard library only, fast start.
     """
-    if not sys.platform.startswith("linux"):
-        return cmd
-    shim = (
-        "import ctypes, os, signal, sys\n"
-        "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
-        f"if os.getppid() != {os.getpid()}: sys.exit(1)  # launcher already gone\n"
-        "os.execv(sys.argv[1], sys.argv[1:])\n"
-    )
-    return [sys.executable, "-c", shim, *cmd]
+    return [sys.executable, "-S", str(GUARDIAN), str(os.getpid()), f"{GUARD_GRACE_S:g}", "--", *cmd]
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,8 +599,11 @@ class _ProcessTree:
             if pid in table and table[pid].started == started and not table[pid].zombie
         )
 
-    def signal_all(self, sig: int) -> None:
+    def signal_all(self, sig: int, skip: Iterable[int] = ()) -> None:
+        skipped = set(skip)
         for pid in self.alive():
+            if pid in skipped:
+                continue
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -555,8 +617,11 @@ class _ProcessTree:
             pid = _read_pid(pid_file)
             if pid in alive:
                 ranks[int(pid_file.stem.removeprefix("rank_"))] = pid
+        # Ranks are torchrun's children (the guardian's grandchildren), or the guardian's own
+        # children once torchrun died (it is their subreaper); torchrun itself has no RANK.
+        parents = {self.root} | {pid for pid in alive if table[pid].ppid == self.root}
         for pid in alive:
-            if table[pid].ppid == self.root and pid not in ranks.values():
+            if table[pid].ppid in parents and pid not in ranks.values():
                 rank = _environ(pid).get("RANK")
                 if rank is not None and rank.isdigit():
                     ranks.setdefault(int(rank), pid)
@@ -623,6 +688,35 @@ def _tail(text: str, n: int = TAIL_LINES) -> list[str]:
     return text.rstrip().splitlines()[-n:]
 
 
+_FRAME_RE = re.compile(r'File "[^"]*", line \d+ in (?P<name>\S+)')
+
+
+def _innermost(stack: str) -> str:
+    """The innermost Python function of a faulthandler dump (of the thread that took the signal)."""
+    text = stack
+    current = stack.rfind("Current thread")
+    if current != -1:
+        text = stack[current:]
+    match = _FRAME_RE.search(text)
+    return match["name"] if match else "an unknown place (no stack)"
+
+
+_RANK_PREFIX_RE = re.compile(r"^\[(?:default)?rank\d+\]:[ ]?", re.MULTILINE)
+
+
+def _exception_line(stderr: str) -> str | None:
+    """``ExceptionType: message`` of the last Python traceback in a rank's stderr, if any (torchrun's
+    ``[rankN]:`` line prefixes removed)."""
+    text = _RANK_PREFIX_RE.sub("", stderr)
+    at = text.rfind("Traceback (most recent call last):")
+    if at == -1:
+        return None
+    for line in text[at:].splitlines()[1:]:
+        if line.strip() and not line[0].isspace():
+            return line.strip()[:300]
+    return None
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -668,9 +762,21 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through launch()'s finally, which kills the job
 
 
+def install_signal_handlers() -> None:
+    """Own SIGINT and SIGTERM whatever was inherited.
+
+    A process started with SIGINT ignored (``nohup``, a background job of a non-interactive shell,
+    many CI runners) inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler: a
+    Ctrl-C or ``kill -INT`` would be dropped and the job left running. Both signals unwind through
+    :func:`launch`, which forwards SIGTERM to torchrun and sweeps every descendant.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, job = _parse_args(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    install_signal_handlers()
     env = {ENV_PG_TIMEOUT: f"{args.pg_timeout:g}"} if args.pg_timeout is not None else None
     try:
         result = launch(

@@ -1,11 +1,15 @@
 """Merge every record under a results folder into one verdict.
 
     python -m parity.merge --results results/ [--suite patch] [--models qwen3 ...] [--require fa2 ...]
+        [--allow-mixed] [--detail] [--export-golden DIR] [--golden DIR]
 
 Exit codes: 0 every comparison within tolerance; 1 a tolerance breach or a mode that raised;
 2 the evidence is incomplete or untrustworthy (missing or invalid records, a required variant that
-was skipped, a backend that did not actually run, a dead run, anchors that cannot be compared).
+was skipped, a backend that did not actually run, a dead run, anchors that cannot be compared,
+evidence whose provenance does not check out: see :func:`provenance_problems`).
 Code 2 wins over 1: a breach found on untrustworthy evidence still needs the evidence fixed first.
+``summary.json`` carries the same verdict as words (``"verdict": "pass" | "breach" | "invalid"``)
+next to ``"exit_code"``, for CI that runs the merge through nox (which turns every failure into 1).
 
 Torch-free: runs in nox's own interpreter.
 """
@@ -19,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parity.results import golden
+from parity.results import golden, registry
 from parity.results.compare import (
     deviation,
+    effective_tolerance,
     evidence_checks,
     first_step_problems,
     layout_problems,
@@ -36,11 +41,27 @@ from parity.results.records import (
     RunManifest,
     Tolerance,
     load_any,
+    results_path,
+    run_manifest_path,
     write_json_atomic,
+    write_text_atomic,
 )
 
 EXIT_OK, EXIT_BREACH, EXIT_INVALID = 0, 1, 2
 SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
+#: The verdict of each exit code, as summary.json's "verdict" and the merge's last line spell it.
+VERDICTS = {EXIT_OK: "pass", EXIT_BREACH: "breach", EXIT_INVALID: "invalid"}
+#: Fingerprint fields every record of one comparison must share (unless --allow-mixed): numbers from
+#: two revisions of the code or two library versions are not evidence about either.
+ENVIRONMENT_FIELDS = ("git_revision", "torch", "transformers")
+#: Which registry tolerance is the ceiling of each suite's records (the seed's per-case tolerance is
+#: an absolute ceiling; fp32 runs are capped further by parity.results.compare.effective_tolerance).
+CEILING_FIELDS = {
+    "patch": ("rtol", "atol"),
+    "vlm_trainer": ("rtol", "atol"),
+    "e2e": ("e2e_rtol", "e2e_atol"),
+    "dummy_forward": ("e2e_rtol", "e2e_atol"),
+}
 
 #: The variant whose reference anchors the others when several environments ran the same model.
 ANCHOR_ORDER = ("eager", "fa2", "fa3")
@@ -68,6 +89,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     problems: list[tuple[int, str]] = field(default_factory=list)  # (exit code, message)
     files: list[ResultsFile] = field(default_factory=list)  # what was compared (for --detail)
+    allow_mixed: bool = False
 
     def fail(self, code: int, message: str) -> None:
         self.problems.append((code, message))
@@ -75,6 +97,11 @@ class Report:
     @property
     def exit_code(self) -> int:
         return max((code for code, _ in self.problems), default=EXIT_OK)
+
+    @property
+    def verdict(self) -> str:
+        """``pass`` / ``breach`` / ``invalid``: the exit code in words, for CI that cannot see it."""
+        return VERDICTS[self.exit_code]
 
 
 def _fmt(value: Any) -> str:
@@ -104,8 +131,14 @@ def merge(
     suites: list[str] | None = None,
     models: list[str] | None = None,
     require: list[str] | None = None,
+    allow_mixed: bool = False,
 ) -> Report:
-    report = Report()
+    """Read, check and compare every record under ``results``; the report holds rows and problems.
+
+    ``allow_mixed`` compares records from different git revisions or torch/transformers versions
+    instead of refusing them (each such row says so).
+    """
+    report = Report(allow_mixed=allow_mixed)
     results = Path(results)
     if not results.is_dir():
         report.fail(
@@ -136,13 +169,31 @@ def merge(
     report.files = files
     by_key = {(f.suite, f.variant, f.model): f for f in files}
     _check_manifests(report, manifests, by_key, models, require or [])
+    cases = _RegistryView()
+    for m in manifests:
+        for problem in manifest_problems(m, results):
+            report.fail(EXIT_INVALID, problem)
     references: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = defaultdict(list)
     for f in sorted(files, key=lambda f: (f.suite, f.model, _anchor_key(f.variant))):
-        ref = _check_file(report, f)
+        untrusted = provenance_problems(f, results, manifests, cases, allow_mixed=allow_mixed)
+        if untrusted:
+            report.rows.append(Row(f.suite, f.model, f.variant, "-", verdict="INVALID", detail=untrusted[0]))
+            for problem in untrusted:
+                report.fail(EXIT_INVALID, problem)
+            continue
+        try:
+            ref = _check_file(report, f)
+        except Exception as exc:  # noqa: BLE001 - evidence the checks above missed; never a traceback
+            report.fail(EXIT_INVALID, f"{f.path}: cannot be merged: {type(exc).__name__}: {exc}")
+            continue
         if ref is not None:
             references[(f.suite, f.model)].append((f.variant, ref))
     for (suite, model), refs in sorted(references.items()):
-        _check_anchors(report, suite, model, refs)
+        try:
+            _check_anchors(report, suite, model, refs)
+        except Exception as exc:  # noqa: BLE001
+            why = f"{type(exc).__name__}: {exc}"
+            report.fail(EXIT_INVALID, f"{suite} {model}: anchors cannot be compared: {why}")
     if not any(row.verdict in ("PASS", "FAIL") for row in report.rows) and not report.problems:
         report.fail(EXIT_INVALID, "nothing was compared: every variant was skipped or ran only its reference")
     return report
@@ -178,6 +229,178 @@ def _check_manifests(
                     Row(m.suite, model, m.variant, "-", verdict="MISSING", detail="no results file")
                 )
                 report.fail(EXIT_INVALID, f"{m.suite}({m.variant}) {model}: no results were written{code}")
+
+
+# --------------------------------------------------------------------------------------------
+# provenance: is this evidence what it says it is?
+
+
+class _RegistryView:
+    """The case registry, read once per merge; config hashes computed once per model."""
+
+    def __init__(self) -> None:
+        self._cases: dict[str, registry.Case] | None = None
+        self._error: str | None = None
+        self._hashes: dict[str, str] = {}
+
+    def case(self, model: str) -> tuple[registry.Case | None, str | None]:
+        """(case, None) or (None, why not)."""
+        if self._cases is None and self._error is None:
+            try:
+                self._cases = {c.id: c for c in registry.cases()}
+            except (registry.RegistryError, registry.ToyConfigError, OSError) as exc:
+                self._error = f"the case registry cannot be read: {exc}"
+        if self._error is not None:
+            return None, self._error
+        assert self._cases is not None
+        if model not in self._cases:
+            return None, f"model {model!r} is not in the case registry ({', '.join(self._cases)})"
+        return self._cases[model], None
+
+    def owner_of(self, config_hash: str) -> str | None:
+        """The registry model whose toy config hashes to this (a record copied from it), if any."""
+        for case in (self._cases or {}).values():
+            current, _ = self.config_hash(case)
+            if current == config_hash:
+                return case.id
+        return None
+
+    def config_hash(self, case: registry.Case) -> tuple[str | None, str | None]:
+        if case.id not in self._hashes:
+            try:
+                self._hashes[case.id] = registry.config_hash(case.config)
+            except registry.ToyConfigError as exc:
+                return None, str(exc)
+        return self._hashes[case.id], None
+
+
+def mixed_environment(record: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """The :data:`ENVIRONMENT_FIELDS` in which two records differ, as ``"torch 2.13.0 vs 2.12.0"``."""
+    a, b = record["fingerprint"], reference["fingerprint"]
+    return [f"{key} {a.get(key)} vs {b.get(key)}" for key in ENVIRONMENT_FIELDS if a.get(key) != b.get(key)]
+
+
+def error_line(record: dict[str, Any]) -> str:
+    """One line that says why a mode failed: the record's ``cause`` (e.g. "rank 1 killed by SIGKILL"),
+    else the last non-blank line of its error (a Python traceback ends with the exception)."""
+    cause = record.get("cause")
+    if isinstance(cause, str) and cause.strip():
+        return cause.strip().splitlines()[0]
+    lines = [line.strip() for line in str(record.get("error") or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "raised (no error text)"
+
+
+def tolerance_ceiling(case: registry.Case, suite: str, dtype: str) -> Tolerance | None:
+    """The largest tolerance a record of ``suite`` may carry for ``case`` (None: the suite has none)."""
+    fields = CEILING_FIELDS.get(suite)
+    if fields is None:
+        return None
+    return effective_tolerance(Tolerance(getattr(case, fields[0]), getattr(case, fields[1])), dtype)
+
+
+def manifest_problems(m: RunManifest, results: Path) -> list[str]:
+    """A run manifest must sit where its suite and variant say (a copied ``_run.json`` would vouch for
+    files of another run)."""
+    path = m.path
+    if path is None:
+        return []
+    expected = run_manifest_path(results, m.suite, m.variant)
+    if Path(path).resolve() != expected.resolve():
+        return [f"{path}: run manifest of {m.suite}({m.variant}) found outside {expected}"]
+    return []
+
+
+def provenance_problems(
+    f: ResultsFile,
+    results: Path,
+    manifests: list[RunManifest],
+    cases: _RegistryView,
+    *,
+    allow_mixed: bool = False,
+) -> list[str]:
+    """Why this file cannot be trusted as evidence of what it claims; empty when it can.
+
+    A record is evidence about one model, one suite, one variant and one config: the file's path,
+    the file's own fields, every record in it, the run manifest of its (suite, variant) and the case
+    registry must all agree on them; the config hash must be the toy config's current hash; a mode
+    appears once; its tolerance is no looser than the registry's; and one file holds one revision
+    and one torch/transformers (unless ``allow_mixed``). Each message names the file.
+    """
+    where = str(f.path)
+    found: list[str] = []
+    if f.path is not None:
+        expected = results_path(results, f.suite, f.variant, f.model)
+        if Path(f.path).resolve() != expected.resolve():
+            found.append(
+                f"{where}: holds {f.suite}({f.variant}) {f.model} but that belongs in {expected} "
+                "(a copied or renamed file)"
+            )
+    listed = [m for m in manifests if m.suite == f.suite and m.variant == f.variant]
+    if not listed:
+        found.append(f"{where}: no run manifest for {f.suite}({f.variant}): a file from another run")
+    elif f.model not in listed[0].models:
+        found.append(
+            f"{where}: {f.model} is not in the run manifest of {f.suite}({f.variant}) "
+            f"(it ran {', '.join(listed[0].models) or 'nothing'}): a stale file from an earlier run"
+        )
+    elif listed[0].status == "skipped":
+        found.append(f"{where}: the run manifest says {f.suite}({f.variant}) was skipped: a stale file")
+
+    seen: dict[str, int] = {}
+    for index, rec in enumerate(f.records):
+        mode_id = rec["mode"]["id"]
+        if mode_id in seen:
+            found.append(f"{where}: mode {mode_id} is recorded twice (records {seen[mode_id]} and {index})")
+        seen.setdefault(mode_id, index)
+        for key in ("suite", "variant", "model"):
+            if rec[key] != getattr(f, key):
+                found.append(
+                    f"{where}: record {index} ({mode_id}) says {key} {rec[key]!r} but the file is for "
+                    f"{getattr(f, key)!r} (a relabelled record)"
+                )
+
+    case, why = cases.case(f.model)
+    if case is None:
+        found.append(f"{where}: {why}")
+    else:
+        if f.suite not in case.suites:
+            found.append(
+                f"{where}: suite {f.suite!r} does not apply to {f.model} (a {case.family} model: "
+                f"{', '.join(case.suites)})"
+            )
+        current, why = cases.config_hash(case)
+        if current is None:
+            found.append(f"{where}: the toy config of {f.model} cannot be hashed: {why}")
+        for index, rec in enumerate(f.records):
+            mode_id = rec["mode"]["id"]
+            recorded = rec["fingerprint"]["config_hash"]
+            if current is not None and recorded != current:
+                owner = cases.owner_of(recorded)
+                hint = f"; it is the toy config of {owner}: a relabelled record" if owner else ""
+                found.append(
+                    f"{where}: record {index} ({mode_id}): stale: config changed since this record "
+                    f"(config_hash {recorded[:12]} recorded, {case.config} now hashes to "
+                    f"{current[:12]}{hint})"
+                )
+            ceiling = tolerance_ceiling(case, f.suite, rec["fingerprint"]["dtype"])
+            tol = rec["tolerance"]
+            if ceiling is not None and (tol["rtol"] > ceiling.rtol or tol["atol"] > ceiling.atol):
+                found.append(
+                    f"{where}: record {index} ({mode_id}): tolerance "
+                    f"rtol={tol['rtol']:g} atol={tol['atol']:g} is looser than the registry allows "
+                    f"for {f.model} in {f.suite} "
+                    f"({rec['fingerprint']['dtype']}: rtol={ceiling.rtol:g} atol={ceiling.atol:g})"
+                )
+    if not allow_mixed and f.records:
+        first = f.records[0]
+        for index, rec in enumerate(f.records[1:], start=1):
+            mixed = mixed_environment(rec, first)
+            if mixed:
+                found.append(
+                    f"{where}: record {index} ({rec['mode']['id']}) comes from another environment than "
+                    f"record 0 ({'; '.join(mixed)}); rerun, or pass --allow-mixed"
+                )
+    return found
 
 
 def _check_file(report: Report, f: ResultsFile) -> dict[str, Any] | None:
@@ -219,10 +442,22 @@ def _check_file(report: Report, f: ResultsFile) -> dict[str, Any] | None:
                     f"{label}: the reference mode {mode_id} was {rec['status']}: {rec['reason']}",
                 )
             continue
+        mixed = mixed_environment(rec, ref) if ref is not None else []
+        if mixed:  # only reachable with --allow-mixed: provenance_problems refuses it otherwise
+            row.detail = "mixed: " + "; ".join(mixed)
+        if rec["status"] == "not_run":
+            row.verdict, row.detail = "REF-FAILED", f"not run: {rec['reason']}"
+            if mode_id == ref_id or ref is None or ref["status"] != "error":
+                report.fail(
+                    EXIT_INVALID,
+                    f"{label} mode {mode_id}: recorded as not run ({rec['reason']}) but its reference "
+                    f"{ref_id} did not fail ({f.path})",
+                )
+            continue
         if rec["status"] == "error":
-            error = str(rec.get("error") or "raised").strip()
-            row.verdict, row.detail = "ERROR", error.splitlines()[-1]
-            report.fail(EXIT_BREACH, f"{label} mode {mode_id} raised: {error.splitlines()[-1]}")
+            cause = error_line(rec)
+            row.verdict, row.detail = "ERROR", cause
+            report.fail(EXIT_BREACH, f"{label} mode {mode_id} raised: {cause}")
             continue
         metrics = rec["metrics"]
         row.loss, row.grad_norm = _fmt(metrics["loss"]), _fmt(metrics["grad_norm"])
@@ -281,7 +516,8 @@ def _check_file(report: Report, f: ResultsFile) -> dict[str, Any] | None:
         if dev.ok:
             row.verdict = "PASS"
         else:
-            row.verdict, row.detail = "FAIL", f"worst: {dev.worst}"
+            row.verdict = "FAIL"
+            row.detail = "; ".join(d for d in (f"worst: {dev.worst}", row.detail) if d)
             report.fail(
                 EXIT_BREACH,
                 f"{label} mode {mode_id}: {dev.worst} off by {dev.max_abs:.3g} abs / {dev.max_rel:.3g} rel "
@@ -298,6 +534,13 @@ def _check_anchors(report: Report, suite: str, model: str, refs: list[tuple[str,
     for variant, ref in refs[1:]:
         label = f"{suite} {model}: reference of variant {variant} vs variant {anchor_variant}"
         a, b = anchor["fingerprint"], ref["fingerprint"]
+        mixed = mixed_environment(ref, anchor)
+        if mixed and not report.allow_mixed:
+            report.fail(
+                EXIT_INVALID,
+                f"{label}: mixed environments ({'; '.join(mixed)}); rerun both, or pass --allow-mixed",
+            )
+            continue
         for key in ("config_hash", "seed", "dtype", "device"):
             if a.get(key) != b.get(key):
                 report.fail(
@@ -318,6 +561,7 @@ def _check_anchors(report: Report, suite: str, model: str, refs: list[tuple[str,
                 f"{dev.max_rel:.3g}",
                 f"rtol={tol.rtol:g} atol={tol.atol:g}",
                 "PASS" if dev.ok else "FAIL",
+                "mixed: " + "; ".join(mixed) if mixed else "",
             )
             report.rows.append(row)
             if not dev.ok:
@@ -393,7 +637,9 @@ def render_markdown(report: Report, results: Path) -> str:
     for r in report.rows:
         counts[r.verdict or "-"] += 1
     tally = ", ".join(f"{verdict} {n}" for verdict, n in sorted(counts.items())) or "no rows"
-    out = [f"# parity merge: {results}", "", f"exit code: {report.exit_code}", ""]
+    out = [f"# parity merge: {results}", "", f"verdict: {report.verdict} (exit code {report.exit_code})", ""]
+    if report.allow_mixed:
+        out += [MIXED_NOTE, ""]
     out += [f"**{headline}** ({tally}; {len(report.problems)} problem(s))", ""]
 
     by_model: dict[tuple[str, str], dict[str, Any]] = {}
@@ -420,15 +666,38 @@ def render_markdown(report: Report, results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+MIXED_NOTE = (
+    "--allow-mixed: records from different git revisions or torch/transformers versions were compared; "
+    "rows marked 'mixed' say which"
+)
+
+
 def write_summary(report: Report, results: Path) -> None:
+    """``summary.json`` (``verdict`` and ``exit_code`` first: what CI reads) and ``summary.md``."""
     payload = {
         "schema": "parity.summary/1",
+        "verdict": report.verdict,
         "exit_code": report.exit_code,
+        "allow_mixed": report.allow_mixed,
         "rows": [{c: getattr(r, c) for c in COLUMNS} for r in report.rows],
         "problems": [{"exit_code": code, "message": msg} for code, msg in report.problems],
     }
     write_json_atomic(results / SUMMARY_JSON, payload)
-    (results / SUMMARY_MD).write_text(render_markdown(report, results))
+    write_text_atomic(results / SUMMARY_MD, render_markdown(report, results))
+
+
+def remove_summary(results: Path) -> None:
+    """A run starts by deleting the previous verdict, so an interrupted run cannot leave a stale PASS."""
+    for name in (SUMMARY_JSON, SUMMARY_MD):
+        (Path(results) / name).unlink(missing_ok=True)
+
+
+def last_line(report: Report) -> str:
+    """The merge's closing line, in summary.json's words: ``parity merge: verdict=breach exit=1 ...``."""
+    return (
+        f"parity merge: verdict={report.verdict} exit={report.exit_code} "
+        f"({len(report.rows)} rows, {len(report.problems)} problems)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,11 +721,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--golden", type=Path, metavar="DIR", help="also compare every record with the golden metrics in DIR"
     )
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="compare records from different git revisions or torch/transformers versions (marked 'mixed')",
+    )
     args = parser.parse_args(argv)
 
-    report = merge(args.results, suites=args.suite, models=args.models, require=args.require)
+    try:
+        report = merge(
+            args.results,
+            suites=args.suite,
+            models=args.models,
+            require=args.require,
+            allow_mixed=args.allow_mixed,
+        )
+    except Exception as exc:  # noqa: BLE001 - the contract is 0/1/2 with a message, never a traceback
+        report = Report(allow_mixed=args.allow_mixed)
+        report.fail(EXIT_INVALID, f"the merge could not read {args.results}: {type(exc).__name__}: {exc}")
     if args.golden is not None:
         check_golden(report, args.golden)
+    if report.allow_mixed:
+        print(MIXED_NOTE)
     if report.rows:
         print(render_table(report.rows))
     if args.detail and report.files:
@@ -464,12 +750,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.results.is_dir() and (report.rows or report.problems):
         write_summary(report, args.results)
         print(f"\nsummary: {args.results / SUMMARY_JSON}, {args.results / SUMMARY_MD}")
+    sys.stdout.flush()
     for code, message in report.problems:
         print(f"[exit {code}] {message}", file=sys.stderr)
-    verdict = {
-        EXIT_OK: "PASS",
-        EXIT_BREACH: "FAIL (tolerance breach or error)",
-        EXIT_INVALID: "INVALID (missing, skipped-but-required, invalid or mismatched records)",
+    sys.stderr.flush()
+    explain = {
+        EXIT_OK: "every comparison within tolerance",
+        EXIT_BREACH: "a tolerance breach or a mode that raised",
+        EXIT_INVALID: "missing, stale, relabelled, malformed or untrustworthy evidence",
     }[report.exit_code]
     if args.export_golden is not None:
         if report.exit_code != EXIT_OK:
@@ -477,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for path in golden.export(report.files, args.export_golden):
                 print(f"golden: wrote {path}")
-    print(f"merge: {verdict}: {len(report.rows)} rows, {len(report.problems)} problems")
+    print(f"{last_line(report)}: {explain}", flush=True)
     return report.exit_code
 
 

@@ -29,8 +29,13 @@ SCHEMA = "parity.records/2"
 RUN_KIND = "run"
 RESULTS_KIND = "results"
 
-#: ok: ran; error: raised; skipped: this machine cannot run it; unsupported: the model cannot.
-MODE_STATUSES = ("ok", "error", "skipped", "unsupported")
+#: ok: ran; error: raised; skipped: this machine cannot run it; unsupported: the model cannot;
+#: not_run: not attempted because the reference of the same file failed (its ``reason`` says so).
+MODE_STATUSES = ("ok", "error", "skipped", "unsupported", "not_run")
+#: Statuses that must say why in a non-blank ``reason``.
+REASON_STATUSES = ("skipped", "unsupported", "not_run")
+#: Mode of every results file: readable by the people and CI jobs that merge them (mkstemp gives 0600).
+RESULTS_FILE_MODE = 0o644
 #: Fields every per-mode record must carry.
 RECORD_FIELDS = ("mode", "status", "requested", "resolved", "metrics", "tolerance", "fingerprint")
 #: Fingerprint keys that must be present (values may be null where they do not apply, e.g. cuda on CPU).
@@ -87,6 +92,7 @@ class RunManifest:
     reason: str = ""
     exit_code: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # where it was read from (not written)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -174,12 +180,32 @@ def results_path(results: Path, suite: str, variant: str, model: str) -> Path:
     return Path(results) / suite / variant / f"{model}.json"
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write via a temp file + rename so a reader never sees half a file, even if we are killed."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """The same temp-file + rename + 0644 for text outputs (``summary.md``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, RESULTS_FILE_MODE)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write via a temp file + rename so a reader never sees half a file, even if we are killed.
+
+    The file is made 0644 (``mkstemp`` creates 0600), so a CI job or a colleague under another user
+    can read the evidence.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, RESULTS_FILE_MODE)
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=True, allow_nan=True)
             handle.write("\n")
@@ -237,7 +263,7 @@ def validate_record(path: Path, record: Any, index: int) -> dict[str, Any]:
             f"{where} ({mode['id']}): status must be one of {', '.join(MODE_STATUSES)}, "
             f"got {record['status']!r}"
         )
-    if record["status"] in ("skipped", "unsupported") and not record.get("reason"):
+    if record["status"] in REASON_STATUSES and not _non_blank(record.get("reason")):
         raise RecordError(f"{where} ({mode['id']}): a {record['status']} mode must say why ('reason')")
     for key in ("requested", "resolved"):
         if not isinstance(record[key], dict):
@@ -265,7 +291,81 @@ def validate_record(path: Path, record: Any, index: int) -> dict[str, Any]:
     missing = [key for key in FINGERPRINT_FIELDS if key not in fingerprint]
     if missing:
         raise RecordError(f"{where} ({mode['id']}): fingerprint lacks {', '.join(missing)}")
+    validate_values(f"{where} ({mode['id']})", record)
     return record
+
+
+def _non_blank(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+#: Fingerprint values the merge reads: (field, may it be null). A number or a blank string where a
+#: version or a hash belongs would compare "equal" to nothing and hide a mixed environment.
+_FINGERPRINT_TYPES = {
+    "python": False,
+    "torch": False,
+    "cuda": True,
+    "transformers": True,
+    "flash_attn": True,
+    "flash_attn_3": True,
+    "device": False,
+    "compute_capability": True,
+    "dtype": False,
+    "git_revision": True,
+    "config_hash": False,
+}
+
+
+def validate_values(where: str, record: dict[str, Any]) -> None:
+    """Every value the merge reads has the type and shape it needs; raise RecordError naming the field.
+
+    :func:`validate_record` checks that the fields exist; this checks what is in them, so a
+    hand-edited or truncated record (``loss: ["abc"]``, a blank error, ``seed: "0"``) is reported as
+    invalid evidence with its file and field instead of surfacing later as a traceback in the merge.
+    """
+    for key in ("suite", "model", "variant"):
+        if not _non_blank(record.get(key)):
+            raise RecordError(f"{where}: field {key!r} must be a non-blank string, got {record.get(key)!r}")
+    if not record["mode"]["id"].strip():
+        raise RecordError(f"{where}: field 'mode.id' must be a non-blank string")
+    status = record["status"]
+    if status == "ok":
+        for key in ("loss", "grad_norm"):
+            value = record["metrics"][key]
+            values = value if isinstance(value, list) else [value]
+            if not values:
+                raise RecordError(f"{where}: metrics.{key} is an empty list")
+            bad = [v for v in values if not _is_number(v)]
+            if bad:
+                raise RecordError(f"{where}: metrics.{key} must hold numbers, got {bad[0]!r}")
+    if status == "error" and not _non_blank(record.get("error")):
+        raise RecordError(f"{where}: an error record needs a non-blank 'error', got {record.get('error')!r}")
+    for key in ("reason", "error", "cause"):
+        if key in record and record[key] is not None and not _non_blank(record[key]):
+            raise RecordError(f"{where}: field {key!r} must be a non-blank string, got {record[key]!r}")
+    steps = record.get("expected_steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
+        raise RecordError(f"{where}: field 'expected_steps' must be a positive integer, got {steps!r}")
+    for section in ("requested", "resolved"):
+        for key, value in record[section].items():
+            if value is not None and not _non_blank(value):
+                raise RecordError(
+                    f"{where}: {section}.{key} must be a non-blank string or null, got {value!r}"
+                )
+    fingerprint = record["fingerprint"]
+    for key, nullable in _FINGERPRINT_TYPES.items():
+        value = fingerprint[key]
+        if value is None and nullable:
+            continue
+        if not _non_blank(value):
+            raise RecordError(f"{where}: fingerprint.{key} must be a non-blank string, got {value!r}")
+    seed = fingerprint["seed"]
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise RecordError(f"{where}: fingerprint.seed must be an integer, got {seed!r}")
 
 
 def load_run_manifest(path: Path) -> RunManifest:
@@ -276,8 +376,17 @@ def load_run_manifest(path: Path) -> RunManifest:
     if status not in ("ran", "skipped", "failed"):
         raise RecordError(f"{path}: status must be ran, skipped or failed, got {status!r}")
     models = _require(path, payload, "models", list)
-    if not all(isinstance(m, str) for m in models):
-        raise RecordError(f"{path}: 'models' must be a list of strings")
+    if not all(_non_blank(m) for m in models):
+        raise RecordError(f"{path}: 'models' must be a list of non-blank strings")
+    reason = payload.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise RecordError(f"{path}: field 'reason' must be a string, got {reason!r}")
+    exit_code = payload.get("exit_code")
+    if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)):
+        raise RecordError(f"{path}: field 'exit_code' must be an integer or null, got {exit_code!r}")
+    extra = payload.get("extra")
+    if extra is not None and not isinstance(extra, dict):
+        raise RecordError(f"{path}: field 'extra' must be an object, got {extra!r}")
     return RunManifest(
         suite=_require(path, payload, "suite", str),
         variant=_require(path, payload, "variant", str),
@@ -286,6 +395,7 @@ def load_run_manifest(path: Path) -> RunManifest:
         reason=payload.get("reason") or "",
         exit_code=payload.get("exit_code"),
         extra=payload.get("extra") or {},
+        path=Path(path),
     )
 
 
@@ -295,8 +405,14 @@ def load_results_file(path: Path) -> ResultsFile:
         raise RecordError(f"{path}: expected kind {RESULTS_KIND!r}, got {payload.get('kind')!r}")
     records = _require(path, payload, "records", list)
     expected = _require(path, payload, "expected_modes", list)
-    if not all(isinstance(m, str) for m in expected):
-        raise RecordError(f"{path}: 'expected_modes' must be a list of strings")
+    if not all(_non_blank(m) for m in expected):
+        raise RecordError(f"{path}: 'expected_modes' must be a list of non-blank strings")
+    twice = sorted({m for m in expected if expected.count(m) > 1})
+    if twice:
+        raise RecordError(f"{path}: 'expected_modes' lists {', '.join(twice)} more than once")
+    for key in ("suite", "variant", "model"):
+        if not _non_blank(_require(path, payload, key, str)):
+            raise RecordError(f"{path}: field {key!r} must be a non-blank string")
     checked = [validate_record(path, record, i) for i, record in enumerate(records)]
     return ResultsFile(
         suite=_require(path, payload, "suite", str),

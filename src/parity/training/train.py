@@ -4,6 +4,7 @@
         --steps-per-epoch 2 --epochs 2 --out OUT [--attn parity_sdpa_with_sp] [--moe fused]
 
 (in the suites it is started through :func:`parity.harness.launch.launch`, which adds the hang watchdog).
+``--plan FILE`` runs several such trainings one after the other in one job (see :func:`read_plan`).
 Rank 0 writes ``OUT/log_dict.json`` (``{"loss": [...], "grad_norm": [...]}``, one value per
 optimizer step) and ``OUT/run_meta.json`` (layout, what actually ran, environment fingerprint).
 
@@ -717,18 +718,56 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
     (out / RUN_META).write_text(json.dumps(result["meta"], indent=2, sort_keys=True) + "\n")
 
 
+def read_plan(path: Path) -> tuple[list[TrainConfig], float | None]:
+    """``--plan FILE``: ``{"runs": [TrainConfig fields, ...], "run_timeout_s": S}``.
+
+    Several runs in one job share its start-up (torchrun, the ranks' torch and transformers imports,
+    the rendezvous), which costs more than a toy training itself; each run is still a fresh model,
+    fresh meshes and its own output folder, exactly as if started alone.
+    """
+    payload = json.loads(Path(path).read_text())
+    runs = [TrainConfig(**run) for run in payload["runs"]]
+    timeout = payload.get("run_timeout_s")
+    return runs, float(timeout) if timeout else None
+
+
+def _run_plan(runs: list[TrainConfig], rank: int, world: int, run_timeout_s: float | None) -> None:
+    import faulthandler
+    import gc
+
+    for index, cfg in enumerate(runs):
+        if run_timeout_s:  # a run that hangs outside a collective still ends, with its stack
+            faulthandler.dump_traceback_later(run_timeout_s, exit=True)
+        print(f"[parity.train] run {index + 1}/{len(runs)}: {cfg.config} sp={cfg.sp} ep={cfg.ep}", flush=True)
+        start = time.perf_counter()
+        result = train(cfg, rank, world)
+        dist.barrier()  # every rank finished this run: only then does it count as done
+        if rank == 0:
+            result["meta"]["run_s"] = round(time.perf_counter() - start, 3)
+            write_outputs(Path(cfg.out), result)
+            print(f"[parity.train] wrote {Path(cfg.out) / LOG_DICT}", flush=True)
+        del result
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    faulthandler.cancel_dump_traceback_later()
+
+
 def main(argv: list[str] | None = None) -> int:
     from parity.harness.rank_setup import init_rank, shutdown
 
-    cfg = parse_args(argv)
+    plan_parser = argparse.ArgumentParser(add_help=False)
+    plan_parser.add_argument("--plan", type=Path)
+    known, rest = plan_parser.parse_known_args(argv)
+    if known.plan is not None:
+        runs, run_timeout_s = read_plan(known.plan)
+    else:
+        runs, run_timeout_s = [parse_args(argv)], None
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # several ranks per CPU host: oversubscribed threads make gloo crawl
     rank, world = init_rank()
     try:
-        result = train(cfg, rank, world)
-        if rank == 0:
-            write_outputs(Path(cfg.out), result)
-            print(f"[parity.train] wrote {Path(cfg.out) / LOG_DICT}", flush=True)
+        _run_plan(runs, rank, world, run_timeout_s)
     finally:
         shutdown()
     return 0

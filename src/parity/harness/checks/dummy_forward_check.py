@@ -46,6 +46,7 @@ from parity import settings
 from parity.harness import toy
 from parity.harness.batches import _audio_token_count, _pixel_row_width, _token_id, packed_batch
 from parity.harness.launch import stack_file
+from parity.results.records import make_record
 
 TAG = "dummy_forward_check"
 SEED = 0  # model weights
@@ -362,43 +363,43 @@ def _records(summary: dict[str, Any], case: Case, device: torch.device, dtype: t
         "attn_implementation": summary["attn_implementation"],
     }
     records = []
+    base = {
+        "suite": "dummy_forward",
+        "model": case.id,
+        "variant": settings.get("PARITY_VARIANT"),
+        "tolerance": summary["tolerance"],
+        "fingerprint": fp,
+        "expected_steps": summary["steps"],
+    }
     ref = summary.get("reference")
     if ref is not None:
         records.append(
-            {
-                "mode": {"id": "reference", "fsdp": False, "dummy_forward": False, **common},
-                "status": "ok",
-                "requested": {},
-                "resolved": {},
-                "metrics": {"loss": ref["losses_by_rank"][0], "grad_norm": ref["grad_norm"]},
-                "tolerance": summary["tolerance"],
-                "fingerprint": fp,
-                "expected_steps": summary["steps"],
-            }
+            make_record(
+                mode={"id": "reference", "fsdp": False, "dummy_forward": False, **common},
+                status="ok",
+                metrics={"loss": ref["losses_by_rank"][0], "grad_norm": ref["grad_norm"]},
+                **base,
+            )
         )
     ranks = summary["ranks"]
     records.append(
-        {
-            "mode": {
+        make_record(
+            mode={
                 "id": "fsdp2_asym",
                 "fsdp": True,
                 "dummy_forward": ranks[0]["dummy_forward_enabled"],
                 **common,
             },
-            "status": "ok" if summary["passed"] else "error",
-            "requested": {},
-            "resolved": {},
-            "metrics": {
+            status="ok" if summary["passed"] else "error",
+            metrics={
                 "loss": ranks[0]["losses"],
                 "grad_norm": ranks[0]["grad_norm"],
                 "losses_by_rank": [r["losses"] for r in ranks],
                 "dummy_calls_by_rank": [r["dummy_calls"] for r in ranks],
             },
-            "tolerance": summary["tolerance"],
-            "fingerprint": fp,
-            "expected_steps": summary["steps"],
-            **({} if summary["passed"] else {"error": "; ".join(summary["problems"])}),
-        }
+            error=None if summary["passed"] else "; ".join(summary["problems"]) or "failed",
+            **base,
+        )
     )
     return records
 
