@@ -90,6 +90,34 @@ SEQ_LENS = {"cuda": (773, 1109, 389), "cpu": (61, 45, 54)}
 ATTENTION_SHARPNESS = 8.0
 
 
+#: A left-padded batch beside the packed row (text models): two rows, the shorter one padded at the
+#: front, so a backend that lets real tokens attend to padding, or drops the padding mask, changes
+#: the numbers; with right padding the causal mask would hide exactly that bug.
+PADDED_LENS = {"cuda": (517, 301), "cpu": (37, 23)}
+
+
+def padded_batch(config: Any, lens: tuple[int, ...], seed: int) -> dict[str, torch.Tensor]:
+    """Rows of random text ids, left-padded to the longest, with ``attention_mask`` and positions
+    starting at 0 on each row's first real token; pad positions carry label -100."""
+    text = getattr(config, "text_config", None) or config
+    pad = getattr(text, "pad_token_id", None)
+    pad = int(pad) if isinstance(pad, int) else 0
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lens)
+    ids = torch.full((len(lens), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    positions = torch.zeros_like(ids)
+    for row, length in enumerate(lens):
+        start = width - length
+        tokens = torch.randint(3, min(1000, int(text.vocab_size)), (length,), generator=gen)
+        ids[row, start:] = tokens
+        mask[row, start:] = 1
+        labels[row, start + 1 :] = tokens[1:]
+        positions[row, start:] = torch.arange(length)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+
+
 def seq_lens_for(device: torch.device) -> tuple[int, ...]:
     return SEQ_LENS["cuda" if device.type == "cuda" else "cpu"]
 
@@ -145,16 +173,27 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[
         _round_to(model, settings.dtype)  # the truth: same (rounded) weights and inputs, fp32 compute
         batch = batch.to(settings.device, settings.dtype)
     batch = batch.to(settings.device, dtype)
+    padded = None
+    if toy.model_family(config) == "text":
+        lens = PADDED_LENS["cuda" if settings.device.type == "cuda" else "cpu"]
+        padded = {k: v.to(settings.device) for k, v in padded_batch(config, lens, DATA_SEED + 1).items()}
     start = time.perf_counter()
     with trace_backends() as trace:
         out = model(**batch.inputs, use_cache=False)
         loss = out.loss
-        loss.backward()
+        total = loss
+        if padded is not None:  # one backward over both batches: every gradient sees both
+            out_padded = model(**padded, use_cache=False)
+            total = loss + out_padded.loss
+        total.backward()
     grad_norm = total_grad_norm(model)
     if settings.device.type == "cuda":
         torch.cuda.synchronize(settings.device)
     elapsed = time.perf_counter() - start
     tensors = evidence.collect(model, out.logits, batch.inputs["labels"])
+    if padded is not None:
+        extra = evidence.collect(model, out_padded.logits, padded["labels"]).logits
+        tensors.logits = torch.cat([tensors.logits, extra])
     resolved = {"attn_implementation": trace.resolved("attention")}
     if mode.moe_implementation is not None:
         resolved["moe_implementation"] = trace.resolved("experts")
@@ -170,15 +209,17 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[
             "loss": float(loss.detach().float()),
             "grad_norm": grad_norm,
             "wall_s": round(elapsed, 4),
+            **({"padded_loss": float(out_padded.loss.detach().float())} if padded is not None else {}),
         },
         "inputs": {
             "seq_lens": list(batch.seq_lens),
             "tokens": int(batch.inputs["input_ids"].numel()),
+            "padded_rows": list(lens) if padded is not None else None,
             "attention_sharpness": ATTENTION_SHARPNESS,
             "sharpened_modules": sharpened,
         },
     }
-    del model, out, loss, batch
+    del model, out, loss, total, batch, padded
     _release(settings.device)
     return result, tensors
 
