@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parity.results import golden
+from parity.results import golden, registry
 from parity.results.records import (
     RunManifest,
     Tolerance,
@@ -17,29 +17,17 @@ from parity.results.records import (
     run_manifest_path,
     write_json_atomic,
 )
+from tests.unit.conftest import FINGERPRINT
 
 ROOT = Path(__file__).resolve().parents[2]
-FP = {
-    "python": "3.11",
-    "torch": "2.13.0",
-    "cuda": None,
-    "transformers": "5.24.0",
-    "flash_attn": None,
-    "flash_attn_3": None,
-    "device": "cpu",
-    "compute_capability": None,
-    "dtype": "float32",
-    "seed": 0,
-    "git_revision": "abc",
-    "config_hash": "h1",
-}
+FP = dict(FINGERPRINT, config_hash=registry.config_hash("qwen3"))  # provenance: a real registry model
 GRADS = {"a.weight": [2.0, 0.5, -1.0, 0.25], "b.weight": [1.0, 0.1, 0.2, -0.3]}
 
 
 def _record(mode_id: str, loss: float, grads: dict) -> dict:
     return make_record(
         suite="patch",
-        model="m",
+        model="qwen3",
         variant="eager",
         mode={"id": mode_id, "modeling_backend": "hf"},
         status="ok",
@@ -60,13 +48,13 @@ def _write_run(folder: Path, grads: dict, fp: dict | None = None) -> Path:
         "kind": "results",
         "suite": "patch",
         "variant": "eager",
-        "model": "m",
+        "model": "qwen3",
         "expected_modes": ["ref", "other"],
         "records": records,
     }
-    write_json_atomic(results_path(folder, "patch", "eager", "m"), payload)
+    write_json_atomic(results_path(folder, "patch", "eager", "qwen3"), payload)
     write_json_atomic(
-        run_manifest_path(folder, "patch", "eager"), RunManifest("patch", "eager", ["m"], "ran").to_json()
+        run_manifest_path(folder, "patch", "eager"), RunManifest("patch", "eager", ["qwen3"], "ran").to_json()
     )
     return folder
 
@@ -88,7 +76,7 @@ def test_export_then_clean_compare_passes(tmp_path: Path) -> None:
     assert len(files) == 1 and json.loads(files[0].read_text())["key"]["device"] == "cpu"
     again = _merge("--results", str(run), "--golden", str(tmp_path / "golden"))
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "golden PASS patch/eager/m/other" in again.stdout
+    assert "golden PASS patch/eager/qwen3/other" in again.stdout
 
 
 def test_a_planted_change_names_model_mode_and_tensor(tmp_path: Path) -> None:
@@ -98,7 +86,7 @@ def test_a_planted_change_names_model_mode_and_tensor(tmp_path: Path) -> None:
     later = _write_run(tmp_path / "later", swapped)
     out = _merge("--results", str(later), "--golden", str(tmp_path / "golden"))
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "patch(eager) m: golden: patch/eager/m/other: grad b.weight off by 0.2" in out.stderr
+    assert "patch(eager) qwen3: golden: patch/eager/qwen3/other: grad b.weight off by 0.2" in out.stderr
 
 
 def test_golden_for_another_environment_is_refused(tmp_path: Path) -> None:
@@ -116,4 +104,4 @@ def test_missing_entry_is_reported(tmp_path: Path) -> None:
     (tmp_path / "golden").mkdir()
     (tmp_path / "golden" / golden._file_name(golden.env_key(FP))).write_text(json.dumps(payload))
     out = _merge("--results", str(_write_run(tmp_path / "run", GRADS)), "--golden", str(tmp_path / "golden"))
-    assert out.returncode == 2 and "no golden entry for patch/eager/m/ref" in out.stderr
+    assert out.returncode == 2 and "no golden entry for patch/eager/qwen3/ref" in out.stderr

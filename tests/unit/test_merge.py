@@ -144,8 +144,8 @@ def test_skipped_variant_passes_unless_required(folder):
 @pytest.mark.parametrize(
     "content, why",
     [
-        ("{not json", "not valid JSON (line 1"),
-        ("[1, 2]", "expected a JSON object"),
+        ("{not json", "invalid JSON at line 1"),
+        ("[1, 2]", "top level must be a JSON object"),
         ('{"hello": "world"}', "not a parity record"),
         ('{"schema": "parity.records/99", "kind": "results"}', "is not supported"),
         ('{"schema": "parity.records/2", "kind": "weird"}', "unknown record kind"),

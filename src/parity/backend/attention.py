@@ -36,7 +36,6 @@ tell a requested backend that ran from one that silently did not.
 from __future__ import annotations
 
 import inspect
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from parity.backend.kernel_log import KernelLog
 from parity.backend.parallel_state import get_sp_group
 from parity.backend.ulysses import (
     all_gather_sequence,
@@ -73,28 +73,15 @@ SP_DISABLED_ATTR = "parity_sp_disabled"
 # kernel log
 
 
-_PROVIDERS: dict[str, set[str]] = {}
-_CALLS: Counter[str] = Counter()
+_LOG = KernelLog()
+#: the module API the harness reads (same for attention and experts)
+kernel_providers_used = _LOG.providers_used
+kernel_call_counts = _LOG.call_counts
+reset_kernel_log = _LOG.reset
 
 
 def _record(backend: str, provider: str) -> None:
-    _PROVIDERS.setdefault(backend, set()).add(provider)
-    _CALLS[backend] += 1
-
-
-def kernel_providers_used() -> dict[str, str]:
-    """backend name -> kernel provider(s) that served its calls since the last reset ("+"-joined)."""
-    return {name: "+".join(sorted(p)) for name, p in _PROVIDERS.items()}
-
-
-def kernel_call_counts() -> dict[str, int]:
-    """backend name -> number of attention calls since the last reset (0 calls = did not run)."""
-    return dict(_CALLS)
-
-
-def reset_kernel_log() -> None:
-    _PROVIDERS.clear()
-    _CALLS.clear()
+    _LOG.record(backend, provider)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ with its ``DistributedConfig(enable_expert_parallel=True)``); parity's ep uses g
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from parity.backend.kernel_log import KernelLog
 from parity.backend.parallel_state import all_to_all_single_autograd, ep_size, get_ep_group
 
 FUSED = "fused"
@@ -48,23 +48,11 @@ PROVIDER_LOOP = "loop"
 # kernel log (same API as parity.backend.attention)
 
 
-_PROVIDERS: dict[str, set[str]] = {}
-_CALLS: Counter[str] = Counter()
-
-
-def kernel_providers_used() -> dict[str, str]:
-    """implementation name -> GEMM provider(s) used since the last reset ("+"-joined)."""
-    return {name: "+".join(sorted(p)) for name, p in _PROVIDERS.items()}
-
-
-def kernel_call_counts() -> dict[str, int]:
-    """implementation name -> number of experts calls since the last reset."""
-    return dict(_CALLS)
-
-
-def reset_kernel_log() -> None:
-    _PROVIDERS.clear()
-    _CALLS.clear()
+_LOG = KernelLog()
+#: the module API the harness reads (same for attention and experts)
+kernel_providers_used = _LOG.providers_used
+kernel_call_counts = _LOG.call_counts
+reset_kernel_log = _LOG.reset
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,8 +348,7 @@ def fused_experts_forward(
     else:
         y, provider = expert_mlp(module, x, counts, expert_weights(module, 0, module.num_experts))
     out = _combine(y, perm, top_k_weights).to(hidden_states.dtype)
-    _PROVIDERS.setdefault(FUSED, set()).add(provider)
-    _CALLS[FUSED] += 1
+    _LOG.record(FUSED, provider)
     return out
 
 

@@ -215,19 +215,26 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def _load(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, error: type[ValueError]) -> dict[str, Any]:
+    """A JSON object from ``path``, or ``error`` naming the file, line and column: every file the
+    results layer reads (records, toy configs) is either this or a clear refusal."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise error(f"{path}: missing file") from exc
     except OSError as exc:
-        raise RecordError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RecordError(
-            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from exc
+        raise error(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
     if not isinstance(payload, dict):
-        raise RecordError(f"{path}: expected a JSON object, got {type(payload).__name__}")
+        raise error(f"{path}: top level must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def _load(path: Path) -> dict[str, Any]:
+    payload = read_json_object(path, RecordError)
     schema = payload.get("schema")
     if schema != SCHEMA:
         if isinstance(schema, str) and schema.startswith("parity.records/"):

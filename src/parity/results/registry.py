@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from parity import settings
+from parity.results.records import read_json_object
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 REGISTRY_FILE = "registry.toml"
@@ -119,21 +120,7 @@ def config_path(model_id_or_path: str | os.PathLike[str]) -> Path:
 
 def read_json(path: Path) -> dict[str, Any]:
     """Parse with positions in the error, because a toy config is edited by hand."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ToyConfigError(f"{path}: missing file") from exc
-    except OSError as exc:
-        raise ToyConfigError(f"{path}: cannot read ({exc})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ToyConfigError(
-            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from exc
-    if not isinstance(data, dict):
-        raise ToyConfigError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, ToyConfigError)
 
 
 def config_hash(path: str | os.PathLike[str]) -> str:
