@@ -337,9 +337,11 @@ def run_modes(
     config = toy.load_config(path)
     cfg_hash = toy.config_hash(path)
     env = fingerprint(device=settings.device, dtype=settings.dtype, seed=SEED, config_hash=cfg_hash)
+    earlier = results_path(settings.results, SUITE, settings.variant, case_id)
+    kept = list(load_results_file(earlier).records) if start and earlier.is_file() else []
     writer = ResultsWriter(settings.results, SUITE, settings.variant, case_id, record_order(modes))
-    if start:
-        writer.file.records = list(load_results_file(writer.path).records)
+    if kept:  # a restarted child: the modes before ``start`` stay as recorded
+        writer.file.records = kept
         writer.flush()
     records = []
     truth_id = modes[0].id if modes else None
