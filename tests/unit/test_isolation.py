@@ -30,7 +30,8 @@ MODES = [ModelMode("hf", "eager"), ModelMode("hf", "sdpa"), ModelMode("parity", 
 def _run(model: str, results: Path, isolated: bool = True) -> list[dict]:
     case = registry.case(model)
     settings = RunSettings("eager", torch.device("cpu"), torch.float32, results)
-    return run_case(model, case.config, MODES, Tolerance(case.rtol, case.atol), settings, case=case, isolate=isolated)
+    tolerance = Tolerance(case.rtol, case.atol)
+    return run_case(model, case.config, MODES, tolerance, settings, case=case, isolate=isolated)
 
 
 def _verdicts(results: Path) -> dict[tuple[str, str], tuple[str, str]]:

@@ -41,7 +41,8 @@ def harness_bug_qwen3_sdpa() -> None:
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def packed_batch(config: Any, *args: Any, model: Any = None, **kwargs: Any) -> Any:
-            if config.model_type == "qwen3" and model is not None and model.config._attn_implementation == "sdpa":
+            attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+            if config.model_type == "qwen3" and attn == "sdpa":
                 raise KeyError("planted harness bug in packed_batch")
             return original(config, *args, model=model, **kwargs)
 
