@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import re
+import resource
 import time
 import traceback
 from collections.abc import Iterable
@@ -91,8 +92,15 @@ SEQ_LENS = {"cuda": (773, 1109, 389), "cpu": (61, 45, 54)}
 ATTENTION_SHARPNESS = 8.0
 
 
-def seq_lens_for(device: torch.device) -> tuple[int, ...]:
-    return SEQ_LENS["cuda" if device.type == "cuda" else "cpu"]
+def seq_lens_for(device: torch.device, config: Any = None) -> tuple[int, ...]:
+    """The packed sample lengths; each sample shortened to the config's max_position_embeddings
+    (positions restart per sample, so that is the longest position any sample reaches)."""
+    lens = SEQ_LENS["cuda" if device.type == "cuda" else "cpu"]
+    text = getattr(config, "text_config", None) or config
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 1:
+        lens = tuple(min(n, limit) for n in lens)
+    return lens
 
 
 def sharpen_attention(model: torch.nn.Module, factor: float | None = None) -> int:
@@ -176,6 +184,8 @@ def run_mode(
         attention.reset_kernel_log()
         moe.reset_kernel_log()
     dtype = getattr(torch, mode.dtype) if mode.dtype else settings.dtype
+    if settings.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(settings.device)
     build_start = time.perf_counter()
     phase("build")
     model = toy.build_model(
@@ -190,7 +200,7 @@ def run_mode(
     build_s = time.perf_counter() - build_start
     phase("inputs")
     sharpened = sharpen_attention(model)
-    batch = packed_batch(config, seq_lens=seq_lens_for(settings.device), seed=DATA_SEED, model=model)
+    batch = packed_batch(config, seq_lens=seq_lens_for(settings.device, config), seed=DATA_SEED, model=model)
     if mode.dtype is not None and settings.dtype != dtype:
         if state is None:
             _round_to(model, settings.dtype)  # the truth: same (rounded) weights and inputs, fp32 compute
@@ -224,6 +234,13 @@ def run_mode(
             "grad_norm": grad_norm,
             "wall_s": round(elapsed, 4),
             "build_s": round(build_s, 4),
+            # peak resident memory of this process so far (the weights snapshot included), and device
+            "peak_host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            **(
+                {"peak_device_gib": round(torch.cuda.max_memory_allocated(settings.device) / 2**30, 3)}
+                if settings.device.type == "cuda"
+                else {}
+            ),
         },
         "inputs": {
             "seq_lens": list(batch.seq_lens),
