@@ -132,7 +132,7 @@ def _round_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 #: transformers' own words when a model cannot take a backend (raised while building or switching)
-_MODEL_UNSUPPORTED = re.compile(r"does not support|not supported|is not available|doesn't support", re.I)
+_MODEL_UNSUPPORTED = re.compile(r"does not support|doesn.t support", re.I)  # not "is not supported": a bad name
 
 
 class Phase:
