@@ -132,7 +132,8 @@ def _round_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 #: transformers' own words when a model cannot take a backend (raised while building or switching)
-_MODEL_UNSUPPORTED = re.compile(r"does not support|doesn.t support", re.I)  # not "is not supported": a bad name
+# not "is not supported": that is transformers rejecting an unknown name (a bad name, not the model)
+_MODEL_UNSUPPORTED = re.compile(r"does not support|doesn.t support", re.I)
 
 
 class Phase:
