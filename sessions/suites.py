@@ -37,10 +37,26 @@ def parse_suite_args(session: nox.Session, cases: list[str], usage: str) -> argp
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TEST_TIMEOUT_S, help="seconds per test case")
     parser.add_argument("--require", action="append", default=[], help="variant that must not be skipped")
+    parser.add_argument("--config", action="append", default=[], help="any config.json (repeatable)")
+    parser.add_argument("--mode-timeout", type=float, default=None, help="seconds per patch mode")
     try:
         args = parser.parse_args(session.posargs)
     except SystemExit:
-        session.error(f"usage: {usage} [MODEL ...] [--results DIR] [--timeout S] [--require VARIANT]")
+        session.error(
+            f"usage: {usage} [MODEL ...] [--config PATH ...] [--results DIR] [--timeout S] "
+            "[--mode-timeout S] [--require VARIANT]"
+        )
+    args.adhoc = {}
+    for raw in args.config:
+        try:
+            case = registry.check_adhoc_config(raw)
+        except registry.ToyConfigError as exc:
+            session.log(f"error: {exc}")
+            raise SystemExit(2) from None  # a bad input, not a failed model: exit 2, nothing ran
+        if case.id in cases or case.id in args.adhoc:
+            session.log(f"error: {case.config}: --config id {case.id!r} is taken; rename its folder")
+            raise SystemExit(2)
+        args.adhoc[case.id] = case.config
     unknown = [m for m in args.models if m not in cases]
     if unknown:
         session.error(f"unknown model id(s): {', '.join(unknown)}. Known: {', '.join(cases)}")
@@ -49,7 +65,7 @@ def parse_suite_args(session: nox.Session, cases: list[str], usage: str) -> argp
     for variant in args.require:
         if variant not in VARIANTS:
             session.error(f"--require {variant}: unknown variant; known: {', '.join(VARIANTS)}")
-    args.models = args.models or list(cases)
+    args.models = (args.models or ([] if args.adhoc else list(cases))) + list(args.adhoc)
     args.results = args.results.resolve()
     return args
 
@@ -152,6 +168,15 @@ def run_suite(
     except envs.InstallFailed as exc:
         _skip(session, manifest, args.results, str(exc))
     env = _env(args.results, variant.name)
+    if args.adhoc:
+        check = [envs.python(session), "-m", "parity.results.registry", *map(str, args.adhoc.values())]
+        if run_command(session, check, env) != 0:
+            raise SystemExit(2)  # the env's transformers rejects a --config (message printed above)
+        env["PARITY_EXTRA_CASES"] = str(registry.write_adhoc(args.results, args.adhoc))
+    if args.mode_timeout:
+        env["PARITY_MODE_TIMEOUT_S"] = f"{args.mode_timeout:g}"
+    if args.timeout != DEFAULT_TEST_TIMEOUT_S:
+        env["PARITY_MODEL_TIMEOUT_S"] = f"{args.timeout:g}"
     ok, info = probe_variant(session, variant, env)
     session.log("probe: " + json.dumps(info, sort_keys=True))
     if not ok:
@@ -162,7 +187,9 @@ def run_suite(
     pytest_args = ["-p", "no:cacheprovider", "-v", "-s", f"--rootdir={ROOT}", f"--junitxml={junit}"]
     if info.get("pytest_timeout"):
         # Per-test timeout markers in a suite are tighter and take precedence; this bounds the rest.
-        pytest_args += [f"--timeout={args.timeout:g}", "--timeout-method=thread"]
+        # a backstop only: the patch suite's child processes have their own per-mode/per-model deadlines
+        backstop = args.timeout if args.timeout != DEFAULT_TEST_TIMEOUT_S else 3600.0
+        pytest_args += [f"--timeout={backstop + 120:g}", "--timeout-method=thread"]
     else:
         session.warn("pytest-timeout is not installed in this env: a hung case will not be stopped")
     session.log(f"{session.name}: {len(args.models)} model(s), results -> {args.results}, JUnit -> {junit}")

@@ -135,6 +135,37 @@ _ALL = (
         "user",
     ),
     Setting(
+        "PARITY_EXTRA_CASES",
+        "path",
+        None,
+        "JSON file of ad-hoc cases (`--config` entries: id -> config path) that the registry adds to its "
+        "cases (the suites write it into the results folder)",
+        "internal",
+    ),
+    Setting(
+        "PARITY_ISOLATE",
+        "bool",
+        "1",
+        "run each model's patch modes in a child process, so a crash, abort or hang is that mode's error "
+        "and the other modes and models still run",
+        "user",
+    ),
+    Setting(
+        "PARITY_MODE_TIMEOUT_S",
+        "float",
+        None,
+        "deadline of one patch mode in the child (default: 120 s + 60 s per billion parameters on a GPU, "
+        "600 s on CPU; twice that for the mode that creates the weights); `--mode-timeout` sets it",
+        "user",
+    ),
+    Setting(
+        "PARITY_MODEL_TIMEOUT_S",
+        "float",
+        None,
+        "deadline of one model's patch modes (default: the mode timeout x (modes + 1)); `--timeout` sets it",
+        "user",
+    ),
+    Setting(
         "PARITY_PG_TIMEOUT_S",
         "float",
         "300",

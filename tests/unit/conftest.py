@@ -116,3 +116,10 @@ class ResultsFolder:
 @pytest.fixture
 def folder(tmp_path: Path) -> ResultsFolder:
     return ResultsFolder(tmp_path / "results")
+
+
+@pytest.fixture(autouse=True)
+def _in_process_patch_runs(monkeypatch):
+    """Unit tests plant bugs with monkeypatch in this process, so patch modes must run here, not in a
+    child (tests/unit/test_isolation.py asks for the child explicitly)."""
+    monkeypatch.setenv("PARITY_ISOLATE", "0")

@@ -221,3 +221,16 @@ def test_mrope_rows_equal_the_models_own(model_id: str) -> None:
             ours = model(**part.inputs, use_cache=False).logits
             theirs = model(**own, use_cache=False).logits
         assert torch.equal(ours, theirs)
+
+
+def test_tiny_vocabulary_ids_stay_inside_it_and_avoid_special_ids():
+    """A 128-token vocabulary: every id < 128 and none is bos/eos/pad (ids up to 1000 crashed CUDA)."""
+    from parity.harness.batches import packed_batch
+    from parity.harness.toy import load_config
+
+    config = load_config("llama")
+    config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id = 128, 5, 6, 7
+    ids = packed_batch(config, seq_lens=(40, 30)).inputs["input_ids"]
+    assert int(ids.max()) < 128 and not set(ids.flatten().tolist()) & {5, 6, 7}
+    config.vocab_size = 100_000  # negative control: a large vocabulary draws past 128
+    assert int(packed_batch(config, seq_lens=(40, 30)).inputs["input_ids"].max()) >= 128

@@ -152,8 +152,39 @@ def _rope_holder(config: Any, model: torch.nn.Module | None) -> Any:
 # ------------------------------------------------------------------------------------------
 
 
+_TEXT_RANGE: list[tuple[int, int, frozenset[int]]] = []  # set per batch by _build_samples
+
+
+def text_id_range(config: Any) -> tuple[int, int, frozenset[int]]:
+    """(low, high, special ids) for plain text tokens: inside the vocabulary, never a special id.
+
+    The toys' special ids sit at 1000.. and bos/pad/eos below 3, so (3, 1000) stays the draw for
+    them (numbers unchanged); a tiny vocabulary (128 tokens) shrinks the range to fit, because an id
+    >= vocab_size is an out-of-bounds embedding lookup (a device-side assert on a GPU).
+    """
+    text = getattr(config, "text_config", None) or config
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None) or _TEXT_ID_RANGE[1]
+    specials = set()
+    for cfg in (config, text):
+        for key, value in vars(cfg).items():
+            if (key.endswith("_token_id") or key.endswith("_token_index")) and isinstance(value, int):
+                specials.add(value)
+            elif key.endswith("_token_id") and isinstance(value, list):
+                specials.update(v for v in value if isinstance(v, int))
+    high = min(_TEXT_ID_RANGE[1], int(vocab))
+    low = min(_TEXT_ID_RANGE[0], max(high - 1, 0))
+    if all(i in specials for i in range(low, high)):
+        raise ValueError(f"{config.model_type}: vocabulary of {vocab} leaves no plain text ids")
+    return low, high, frozenset(specials)
+
+
 def _text(n: int, gen: torch.Generator) -> list[int]:
-    return torch.randint(*_TEXT_ID_RANGE, (n,), generator=gen).tolist()
+    low, high, specials = _TEXT_RANGE[-1] if _TEXT_RANGE else (*_TEXT_ID_RANGE, frozenset())
+    ids = torch.randint(low, high, (n,), generator=gen).tolist()
+    allowed = [i for i in range(low, high) if i not in specials] if specials else None
+    if allowed is not None and len(allowed) < high - low:
+        ids = [i if i not in specials else allowed[i % len(allowed)] for i in ids]
+    return ids
 
 
 def _vision_segments(config: Any, index: int, gen: torch.Generator, sample: _Sample) -> list[list[tuple]]:
@@ -259,7 +290,11 @@ def _build_samples(
         raise ValueError(f"seq_lens must be a non-empty tuple of lengths > 1, got {seq_lens!r}")
     family = model_family(config)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    samples = [_make_sample(config, family, i, int(n), gen) for i, n in enumerate(seq_lens)]
+    _TEXT_RANGE.append(text_id_range(config))
+    try:
+        samples = [_make_sample(config, family, i, int(n), gen) for i, n in enumerate(seq_lens)]
+    finally:
+        _TEXT_RANGE.pop()
     if family != "text":
         holder = _rope_holder(config, model)
         for sample in samples:

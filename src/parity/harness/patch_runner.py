@@ -11,6 +11,8 @@ breach too.
 from __future__ import annotations
 
 import gc
+import re
+import resource
 import time
 import traceback
 from collections.abc import Iterable
@@ -20,14 +22,14 @@ from typing import Any
 
 import torch
 
-from parity import settings
-from parity.harness import evidence, toy
+from parity import settings as parity_settings
+from parity.harness import evidence, toy, weights
 from parity.harness.backend_trace import trace_backends
-from parity.harness.batches import packed_batch
+from parity.harness.batches import packed_batch, text_id_range
 from parity.harness.fingerprint import fingerprint
 from parity.results.compare import effective_tolerance
 from parity.results.modes import ModelMode, expected_provider, mode_skip_reason, variant_kernels
-from parity.results.records import ResultsWriter, Tolerance, make_record
+from parity.results.records import ResultsWriter, Tolerance, load_results_file, make_record, results_path
 from parity.results.registry import Case
 
 SUITE = "patch"
@@ -46,9 +48,9 @@ class RunSettings:
 
     @classmethod
     def from_env(cls, default_results: Path) -> RunSettings:
-        device, dtype = settings.device_and_dtype()
-        results = settings.get("PARITY_RESULTS") or Path(default_results)
-        return cls(settings.get("PARITY_VARIANT"), device, dtype, results)
+        device, dtype = parity_settings.device_and_dtype()
+        results = parity_settings.get("PARITY_RESULTS") or Path(default_results)
+        return cls(parity_settings.get("PARITY_VARIANT"), device, dtype, results)
 
     @property
     def dtype_name(self) -> str:
@@ -102,6 +104,11 @@ def padded_batch(config: Any, lens: tuple[int, ...], seed: int) -> dict[str, tor
     text = getattr(config, "text_config", None) or config
     pad = getattr(text, "pad_token_id", None)
     pad = int(pad) if isinstance(pad, int) else 0
+    low, high, specials = text_id_range(config)
+    allowed = torch.tensor([i for i in range(low, high) if i not in specials])
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 1:
+        lens = tuple(min(n, limit) for n in lens)
     gen = torch.Generator().manual_seed(seed)
     width = max(lens)
     ids = torch.full((len(lens), width), pad, dtype=torch.long)
@@ -110,7 +117,7 @@ def padded_batch(config: Any, lens: tuple[int, ...], seed: int) -> dict[str, tor
     positions = torch.zeros_like(ids)
     for row, length in enumerate(lens):
         start = width - length
-        tokens = torch.randint(3, min(1000, int(text.vocab_size)), (length,), generator=gen)
+        tokens = allowed[torch.randint(0, allowed.numel(), (length,), generator=gen)]
         ids[row, start:] = tokens
         mask[row, start:] = 1
         labels[row, start + 1 :] = tokens[1:]
@@ -118,8 +125,15 @@ def padded_batch(config: Any, lens: tuple[int, ...], seed: int) -> dict[str, tor
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
 
 
-def seq_lens_for(device: torch.device) -> tuple[int, ...]:
-    return SEQ_LENS["cuda" if device.type == "cuda" else "cpu"]
+def seq_lens_for(device: torch.device, config: Any = None) -> tuple[int, ...]:
+    """The packed sample lengths; each sample shortened to the config's max_position_embeddings
+    (positions restart per sample, so that is the longest position any sample reaches)."""
+    lens = SEQ_LENS["cuda" if device.type == "cuda" else "cpu"]
+    text = getattr(config, "text_config", None) or config
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 1:
+        lens = tuple(min(n, limit) for n in lens)
+    return lens
 
 
 def sharpen_attention(model: torch.nn.Module, factor: float | None = None) -> int:
@@ -150,15 +164,64 @@ def _round_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 tensor.copy_(tensor.to(dtype).to(torch.float32))
 
 
-def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[str, Any], evidence.Evidence]:
-    """Build, forward, backward; return (requested/resolved backends and metrics, the tensors)."""
+#: transformers' own words when a model cannot take a backend (raised while building or switching)
+# not "is not supported": that is transformers rejecting an unknown name (a bad name, not the model)
+_MODEL_UNSUPPORTED = re.compile(r"does not support|doesn.t support", re.I)
+
+
+class Phase:
+    """Where a mode is (build, inputs, forward...): decides whose error an exception is."""
+
+    def __init__(self) -> None:
+        self.name = "setup"
+
+    def __call__(self, name: str) -> Phase:
+        self.name = name
+        return self
+
+
+def classify(exc: BaseException, phase: str) -> tuple[str, str]:
+    """(status, error_kind) of an exception raised in ``phase``.
+
+    A backend the model or kernel cannot run (transformers' "does not support" while building or
+    switching; a NotImplementedError from a backend) is ``unsupported``. An exception in the model
+    (its build, forward or backward) is the model's ``error``. Anything else (inputs, evidence,
+    weights file, records) is the tool's: ``error`` with error_kind ``harness``, shown as TOOL-ERROR.
+    """
+    if isinstance(exc, NotImplementedError) and phase in ("build", "forward"):
+        return "unsupported", "model"
+    if (
+        phase == "build"
+        and isinstance(exc, (ValueError, ImportError))
+        and _MODEL_UNSUPPORTED.search(str(exc))
+    ):
+        return "unsupported", "model"
+    if phase in ("build", "forward", "weights"):
+        return "error", "model"
+    return "error", "harness"
+
+
+def run_mode(
+    config: Any,
+    mode: ModelMode,
+    settings: RunSettings,
+    state: dict[str, torch.Tensor] | None = None,
+    phase: Phase | None = None,
+) -> tuple[dict[str, Any], evidence.Evidence]:
+    """Build (from the case's weights snapshot), forward, backward; return metrics and the tensors."""
+    phase = phase or Phase()
     attention = moe = None
+    phase("setup")
     if mode.modeling_backend == "parity":
         attention, moe = _parity_backends()
         attention.use_kernels(variant_kernels(settings.variant))  # the variant's libraries, never a guess
         attention.reset_kernel_log()
         moe.reset_kernel_log()
     dtype = getattr(torch, mode.dtype) if mode.dtype else settings.dtype
+    if settings.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(settings.device)
+    build_start = time.perf_counter()
+    phase("build")
     model = toy.build_model(
         config,
         attn_implementation=mode.attn_implementation,
@@ -166,11 +229,15 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[
         dtype=dtype,
         device=settings.device,
         seed=SEED,
+        state=state,
     )
+    build_s = time.perf_counter() - build_start
+    phase("inputs")
     sharpened = sharpen_attention(model)
-    batch = packed_batch(config, seq_lens=seq_lens_for(settings.device), seed=DATA_SEED, model=model)
+    batch = packed_batch(config, seq_lens=seq_lens_for(settings.device, config), seed=DATA_SEED, model=model)
     if mode.dtype is not None and settings.dtype != dtype:
-        _round_to(model, settings.dtype)  # the truth: same (rounded) weights and inputs, fp32 compute
+        if state is None:
+            _round_to(model, settings.dtype)  # the truth: same (rounded) weights and inputs, fp32 compute
         batch = batch.to(settings.device, settings.dtype)
     batch = batch.to(settings.device, dtype)
     padded = None
@@ -178,6 +245,7 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[
         lens = PADDED_LENS["cuda" if settings.device.type == "cuda" else "cpu"]
         padded = {k: v.to(settings.device) for k, v in padded_batch(config, lens, DATA_SEED + 1).items()}
     start = time.perf_counter()
+    phase("forward")
     with trace_backends() as trace:
         out = model(**batch.inputs, use_cache=False)
         loss = out.loss
@@ -190,6 +258,7 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[
     if settings.device.type == "cuda":
         torch.cuda.synchronize(settings.device)
     elapsed = time.perf_counter() - start
+    phase("evidence")
     tensors = evidence.collect(model, out.logits, batch.inputs["labels"])
     if padded is not None:
         extra = evidence.collect(model, out_padded.logits, padded["labels"]).logits
@@ -209,6 +278,14 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[
             "loss": float(loss.detach().float()),
             "grad_norm": grad_norm,
             "wall_s": round(elapsed, 4),
+            "build_s": round(build_s, 4),
+            # peak resident memory of this process so far (the weights snapshot included), and device
+            "peak_host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            **(
+                {"peak_device_gib": round(torch.cuda.max_memory_allocated(settings.device) / 2**30, 3)}
+                if settings.device.type == "cuda"
+                else {}
+            ),
             **({"padded_loss": float(out_padded.loss.detach().float())} if padded is not None else {}),
         },
         "inputs": {
@@ -224,20 +301,8 @@ def run_mode(config: Any, mode: ModelMode, settings: RunSettings) -> tuple[dict[
     return result, tensors
 
 
-def run_case(
-    case_id: str,
-    config_path: str | Path,
-    modes: Iterable[ModelMode],
-    tolerance: Tolerance,
-    settings: RunSettings,
-    *,
-    case: Case | None = None,
-) -> list[dict[str, Any]]:
-    """Run every mode (reference first), writing records as we go; return the records.
-
-    A mode the registry entry declares unsupported is recorded as such, with its reason, and not
-    run; a mode this device or dtype cannot run is recorded as skipped.
-    """
+def plan_modes(modes: Iterable[ModelMode], settings: RunSettings) -> list[ModelMode]:
+    """The modes in run order: half precision adds the fp32 truth of the reference first."""
     modes = list(modes)
     if settings.dtype_name != "float32" and modes:
         # half precision: measure every mode from an fp32 run of the reference (same weights, batch)
@@ -246,37 +311,114 @@ def run_case(
             ModelMode(ref.modeling_backend, ref.attn_implementation, ref.moe_implementation, "float32"),
             *modes,
         ]
+    return modes
+
+
+def record_order(modes: list[ModelMode]) -> list[str]:
+    """The results file's expected modes: the merge's reference stays the first run-dtype mode."""
+    order = [m.id for m in modes]
+    if modes and modes[0].dtype is not None:
+        order = [order[1], order[0], *order[2:]]
+    return order
+
+
+def truth_file(settings: RunSettings, case_id: str) -> Path:
+    """The truth's tensors, kept for the modes that a restarted child process still has to run."""
+    return results_path(settings.results, SUITE, settings.variant, case_id).with_name(f".{case_id}.truth.pt")
+
+
+def common_fields(
+    case_id: str,
+    mode: ModelMode,
+    tolerance: Tolerance,
+    case_tolerance: Tolerance,
+    settings: RunSettings,
+    env: dict[str, Any],
+) -> dict[str, Any]:
+    """What every record of this mode carries whatever its status (make_record's keyword arguments)."""
+    requested = {"attn_implementation": mode.attn_implementation}
+    if mode.moe_implementation:
+        requested["moe_implementation"] = mode.moe_implementation
+    provider = expected_provider(settings.variant, mode)
+    if provider:
+        requested["kernel_provider"] = provider
+    return dict(
+        suite=SUITE,
+        model=case_id,
+        variant=settings.variant,
+        mode=mode.to_json(),
+        requested=requested,
+        tolerance=tolerance,
+        fingerprint=env,
+        case_tolerance=case_tolerance.to_json(),
+    )
+
+
+def run_case(
+    case_id: str,
+    config_path: str | Path,
+    modes: Iterable[ModelMode],
+    tolerance: Tolerance,
+    settings: RunSettings,
+    *,
+    case: Case | None = None,
+    isolate: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Run every mode (reference first), writing records as we go; return the records.
+
+    ``isolate`` (default: ``PARITY_ISOLATE``) runs the modes in a child process
+    (:mod:`parity.harness.isolate`): a crash, abort or hang there becomes that mode's error record
+    with its stack and a new child runs the modes after it. A mode the registry entry declares
+    unsupported is recorded as such, with its reason, and not run; a mode this device or dtype
+    cannot run is recorded as skipped.
+    """
+    planned = plan_modes(modes, settings)
+    if isolate is None:
+        isolate = bool(parity_settings.get("PARITY_ISOLATE"))
+    if isolate:
+        from parity.harness import isolate as isolation
+
+        return isolation.run_case_isolated(case_id, config_path, planned, tolerance, settings, case=case)
+    return run_modes(case_id, config_path, planned, tolerance, settings, case=case)
+
+
+def run_modes(
+    case_id: str,
+    config_path: str | Path,
+    modes: list[ModelMode],
+    tolerance: Tolerance,
+    settings: RunSettings,
+    *,
+    case: Case | None = None,
+    start: int = 0,
+    on_mode: Any = None,
+) -> list[dict[str, Any]]:
+    """Run ``modes[start:]`` in this process (``start > 0``: resume the results file a crashed child
+    left); ``on_mode(index, common)`` is told before each mode runs (the child's progress marker)."""
     case_tolerance = tolerance
     tolerance = effective_tolerance(tolerance, settings.dtype_name)
     path = toy.config_path(config_path)
     config = toy.load_config(path)
-    env = fingerprint(
-        device=settings.device, dtype=settings.dtype, seed=SEED, config_hash=toy.config_hash(path)
-    )
-    order = [m.id for m in modes]
-    if modes and modes[0].dtype is not None:  # the merge's reference stays the first run-dtype mode
-        order = [order[1], order[0], *order[2:]]
-    writer = ResultsWriter(settings.results, SUITE, settings.variant, case_id, order)
+    cfg_hash = toy.config_hash(path)
+    env = fingerprint(device=settings.device, dtype=settings.dtype, seed=SEED, config_hash=cfg_hash)
+    earlier = results_path(settings.results, SUITE, settings.variant, case_id)
+    kept = list(load_results_file(earlier).records) if start and earlier.is_file() else []
+    writer = ResultsWriter(settings.results, SUITE, settings.variant, case_id, record_order(modes))
+    if kept:  # a restarted child: the modes before ``start`` stay as recorded
+        writer.file.records = kept
+        writer.flush()
     records = []
-    truth: evidence.Evidence | None = None
     truth_id = modes[0].id if modes else None
-    for mode in modes:
-        requested = {"attn_implementation": mode.attn_implementation}
-        if mode.moe_implementation:
-            requested["moe_implementation"] = mode.moe_implementation
-        provider = expected_provider(settings.variant, mode)
-        if provider:
-            requested["kernel_provider"] = provider
-        common = dict(
-            suite=SUITE,
-            model=case_id,
-            variant=settings.variant,
-            mode=mode.to_json(),
-            requested=requested,
-            tolerance=tolerance,
-            fingerprint=env,
-            case_tolerance=case_tolerance.to_json(),
-        )
+    truth: evidence.Evidence | None = None
+    truth_path = truth_file(settings, case_id)
+    if start and truth_path.is_file():
+        truth = torch.load(truth_path, weights_only=False)
+    state: dict[str, torch.Tensor] | None = None
+    weights_info: dict[str, Any] = {}
+    state_error: str | None = None
+    for index in range(start, len(modes)):
+        mode = modes[index]
+        common = common_fields(case_id, mode, tolerance, case_tolerance, settings, env)
         unsupported = (
             case.unsupported_reason(mode.attn_implementation, mode.moe_implementation) if case else None
         )
@@ -292,11 +434,28 @@ def run_case(
             records.append(record)
             continue
         print(f"[parity] {settings.variant} {case_id} {mode.id} ...", flush=True)
+        if on_mode is not None:
+            on_mode(index, common)
+        phase = Phase()
         try:
-            ran, tensors = run_mode(config, mode, settings)
+            if state is None and state_error is None:
+                phase("weights")
+                wfile = weights.weights_file(
+                    settings.results, case_id, cfg_hash, SEED, settings.device.type, settings.dtype_name
+                )
+                state, weights_info = weights.load_or_create(
+                    wfile, config, seed=SEED, device=settings.device, store_dtype=settings.dtype
+                )
+                print(f"[parity]   weights {weights_info}", flush=True)
+            ran, tensors = run_mode(config, mode, settings, state, phase)
+            phase("records")
             extra: dict[str, Any] = {"inputs": ran["inputs"], "fingerprints": tensors.fingerprints()}
+            if weights_info:
+                extra["inputs"]["weights"], weights_info = weights_info, {}
             if mode.id == truth_id:
                 truth = tensors
+                if len(modes) > index + 1:
+                    torch.save(truth, truth_path)
             elif truth is not None:
                 extra["evidence"] = {"against": truth_id, **evidence.compare(tensors, truth)}
             del tensors
@@ -305,15 +464,26 @@ def run_case(
             )
             m = record["metrics"]
             print(
-                f"[parity]   loss={m['loss']:.8g} grad_norm={m['grad_norm']:.8g} ({m['wall_s']:.2f}s)",
+                f"[parity]   loss={m['loss']:.8g} grad_norm={m['grad_norm']:.8g} "
+                f"({m['wall_s']:.2f}s, build {m['build_s']:.2f}s)",
                 flush=True,
             )
-        except Exception:  # a mode that raises is a finding about the model, recorded and reported
-            record = make_record(status="error", error=traceback.format_exc(), **common)
-            print(f"[parity]   ERROR: {record['error'].strip().splitlines()[-1]}", flush=True)
+        except Exception as exc:  # recorded with its stack; whose error it is decides the verdict
+            status, kind = classify(exc, phase.name)
+            stack = traceback.format_exc()
+            if status == "unsupported":
+                record = make_record(
+                    status=status, reason=f"{type(exc).__name__}: {exc}", error=stack, **common
+                )
+                print(f"[parity]   UNSUPPORTED: {record['reason']}", flush=True)
+            else:
+                record = make_record(status="error", error=stack, error_kind=kind, phase=phase.name, **common)
+                word = "TOOL ERROR" if kind == "harness" else "ERROR"
+                print(f"[parity]   {word} ({phase.name}): {stack.strip().splitlines()[-1]}", flush=True)
             _release(settings.device)
         writer.add(record)
         records.append(record)
     del truth
+    truth_path.unlink(missing_ok=True)
     _release(settings.device)
     return records

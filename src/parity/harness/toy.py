@@ -171,6 +171,8 @@ def build_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    init_device: str | torch.device = "cpu",
+    state: dict[str, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
     """Build the toy model with weights that never depend on the requested backends.
 
@@ -185,6 +187,12 @@ def build_model(
     behaviour in 5.17 and 5.24 for this use (5.17 matches sub-models by config identity and
     keeps a temporary marker while propagating; each setter is called once here, so the
     difference does not show).
+
+    ``init_device``: where the seeded initialisation runs (a GPU initialises a 2B model in well under a
+    second where the CPU needs more than a minute; the weights then differ from a CPU build, so one
+    run must use one snapshot throughout, see :mod:`parity.harness.weights`). ``state``: a snapshot
+    from :func:`parity.harness.weights.snapshot`; the architecture is then built on the meta device
+    (no memory, no initialisation) and filled from it on ``device`` in ``dtype``.
     """
     import torch
 
@@ -201,8 +209,15 @@ def build_model(
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        with torch.device("cpu"):
-            model = _auto_class(config).from_config(config, **build_kwargs)
+        if state is not None:
+            from parity.harness import weights
+
+            with weights.meta_build():
+                model = _auto_class(config).from_config(config, **build_kwargs)
+            model.to_empty(device=device)
+        else:
+            with torch.device(init_device):
+                model = _auto_class(config).from_config(config, **build_kwargs)
     finally:
         torch.set_default_dtype(previous_dtype)
 
@@ -211,6 +226,10 @@ def build_model(
         model.set_experts_implementation(experts_implementation)
 
     _cast(model, dtype, device)
+    if state is not None:
+        from parity.harness import weights
+
+        weights.fill(model, state)
     model.train()
     for cfg in _configs(model.config):
         if hasattr(cfg, "use_cache"):

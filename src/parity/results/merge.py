@@ -117,7 +117,9 @@ def discover(results: Path) -> list[Path]:
     return sorted(
         p
         for p in results.rglob("*.json")
-        if p.is_file() and not p.name.startswith(".") and p.name not in (SUMMARY_JSON,)
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(results).parts)  # temp files, child work
+        and p.name not in (SUMMARY_JSON,)
     )
 
 
@@ -435,7 +437,7 @@ def _check_file(report: Report, f: ResultsFile) -> dict[str, Any] | None:
         tol = Tolerance(rec["tolerance"]["rtol"], rec["tolerance"]["atol"])
         row.tolerance = f"rtol={tol.rtol:g} atol={tol.atol:g}"
         if rec["status"] in ("skipped", "unsupported"):
-            row.verdict, row.detail = rec["status"].upper(), str(rec["reason"])
+            row.verdict, row.detail = rec["status"].upper(), str(rec["reason"]).splitlines()[0]
             if mode_id == ref_id:
                 report.fail(
                     EXIT_INVALID,
@@ -455,9 +457,19 @@ def _check_file(report: Report, f: ResultsFile) -> dict[str, Any] | None:
                 )
             continue
         if rec["status"] == "error":
-            cause = error_line(rec)
-            row.verdict, row.detail = "ERROR", cause
-            report.fail(EXIT_BREACH, f"{label} mode {mode_id} raised: {cause}")
+            error = str(rec.get("error") or "raised").strip()
+            kind = rec.get("error_kind", "model")
+            first = error.splitlines()[0] if kind in ("crash", "timeout") else error_line(rec)
+            if kind == "harness":
+                # the tool broke, not the model: the evidence is missing, not against the model
+                row.verdict, row.detail = "TOOL-ERROR", first
+                report.fail(EXIT_INVALID, f"{label} mode {mode_id}: harness error (parity's bug): {first}")
+            else:
+                row.verdict = "TIMEOUT" if kind == "timeout" else "ERROR"
+                row.detail = first
+                report.fail(
+                    EXIT_BREACH, f"{label} mode {mode_id} {kind if kind != 'model' else 'raised'}: {first}"
+                )
             continue
         metrics = rec["metrics"]
         row.loss, row.grad_norm = _fmt(metrics["loss"]), _fmt(metrics["grad_norm"])

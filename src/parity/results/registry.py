@@ -282,9 +282,68 @@ def case_from_config(case_id: str, config: Path, **fields: Any) -> Case:
 
 
 def cases() -> list[Case]:
-    """Every registered case, in the registry file's order."""
+    """Every registered case, in the registry file's order, then the ad-hoc ``--config`` cases."""
     where = _registry_path()
-    return [_make_case(case_id, entry, where) for case_id, entry in _load_table().items()]
+    found = [_make_case(case_id, entry, where) for case_id, entry in _load_table().items()]
+    return found + extra_cases()
+
+
+ADHOC_FILE = ".adhoc_cases.json"  # in the results folder; the dot keeps it out of the merge
+
+
+def adhoc_id(config: Path) -> str:
+    """``path/to/llama_2b/config.json`` -> ``llama_2b``: the id is the config's folder name."""
+    name = Path(config).parent.name or Path(config).stem
+    return name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
+
+
+def check_adhoc_config(raw: str) -> Case:
+    """A case for ``--config PATH``, or a ToyConfigError naming the file and what is wrong with it.
+
+    Checks what would otherwise fail deep inside a child process: the file exists and is a JSON
+    object, transformers knows its ``model_type`` (when transformers is importable here) and the
+    text stack has attention heads.
+    """
+    path = Path(raw).expanduser().resolve()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ToyConfigError(f"{path}: --config: no such file")
+    data = read_json(path)
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ToyConfigError(f"{path}: --config: missing 'model_type'")
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:  # the nox interpreter may have no transformers: the variant env checks again
+        CONFIG_MAPPING_NAMES = None
+    if CONFIG_MAPPING_NAMES is not None and model_type not in CONFIG_MAPPING_NAMES:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING_NAMES), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ToyConfigError(f"{path}: --config: transformers does not know model_type {model_type!r}.{hint}")
+    heads = text_config_of(data).get("num_attention_heads")
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0:
+        raise ToyConfigError(
+            f"{path}: --config: no attention heads (num_attention_heads={heads!r} in the text config)"
+        )
+    return case_from_config(adhoc_id(path), path)
+
+
+def write_adhoc(results: Path, configs: dict[str, Path]) -> Path:
+    """The ad-hoc cases for the suites' pytest processes (they read it through PARITY_EXTRA_CASES)."""
+    path = Path(results) / ADHOC_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: str(v) for k, v in configs.items()}, indent=2) + "\n")
+    return path
+
+
+def extra_cases() -> list[Case]:
+    """The ``--config`` cases named in ``PARITY_EXTRA_CASES``: default tolerances, facts from the config."""
+    path = settings.get("PARITY_EXTRA_CASES")
+    if not path:
+        return []
+    entries = read_json(Path(path))
+    return [case_from_config(case_id, Path(config)) for case_id, config in entries.items()]
 
 
 def cases_for(suite: str) -> list[Case]:
@@ -320,3 +379,21 @@ def problems() -> list[str]:
         except (RegistryError, ToyConfigError) as exc:
             found.append(str(exc))
     return found
+
+
+def main(argv: list[str]) -> int:
+    """``python -m parity.results.registry CONFIG ...``: check ``--config`` files in a variant env
+    (where transformers is importable, so an unknown model_type is caught); exit 2 on the first bad one."""
+    for raw in argv:
+        try:
+            check_adhoc_config(raw)
+        except ToyConfigError as exc:
+            print(f"error: {exc}", flush=True)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
