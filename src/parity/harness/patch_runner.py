@@ -83,13 +83,24 @@ def _parity_backends() -> tuple[Any, Any]:
 #: every kernel sees partial tiles and sample borders inside a tile. On a GPU the row spans several
 #: tiles of every kernel (2271 tokens); on CPU it stays short (160 tokens, as many samples).
 SEQ_LENS = {"cuda": (773, 1109, 389), "cpu": (61, 45, 54)}
-#: Attention temperature multiplier applied to the ``scaling`` of attention modules without qk-norm
-#: (the factor every backend receives): at initialisation their attention is almost uniform
-#: (logit std ~0.1), which hides masking and position bugs; x8 gives logit std ~1. Attention with
-#: qk-norm (qwen3 family) already has logit std ~1 and is left alone: sharper still, bf16 rounding
-#: of q and k moves the softmax so much that HF eager itself lands 20-100% away from fp32 and no
-#: bug is visible above that (measured on the H200).
+#: Attention at initialisation should be sharp enough that masking and position bugs move the
+#: numbers: target logit std ~1. Without qk-norm the logit std at init is about hidden_size *
+#: initializer_range**2 (0.1 for the toys: almost uniform), so the ``scaling`` every backend receives
+#: is multiplied by 1 / that, at most ATTENTION_SHARPNESS (x8 for the toys; a real-width config, hidden
+#: 2048+, is already sharp and left nearly alone). Attention with qk-norm (qwen3 family) already has
+#: logit std ~1 and is left alone: sharper still, bf16 rounding of q and k moved HF eager itself
+#: 20-100% away from fp32 on the H200 and no bug was visible above that.
 ATTENTION_SHARPNESS = 8.0
+
+
+def attention_sharpness(config: Any) -> float:
+    """The factor for this config's attention without qk-norm (see ATTENTION_SHARPNESS)."""
+    text = getattr(config, "text_config", None) or config
+    hidden = getattr(text, "hidden_size", None)
+    std = getattr(text, "initializer_range", None) or 0.02
+    if not isinstance(hidden, int) or hidden <= 0:
+        return 1.0
+    return max(1.0, min(ATTENTION_SHARPNESS, 1.0 / (hidden * std * std)))
 
 
 #: A left-padded batch beside the packed row (text models): two rows, the shorter one padded at the
@@ -142,7 +153,7 @@ def sharpen_attention(model: torch.nn.Module, factor: float | None = None) -> in
     Applied identically in every mode (same weights, same batch), so it changes the question only
     in one way: attention now depends strongly on which keys each query may see.
     """
-    factor = ATTENTION_SHARPNESS if factor is None else factor
+    factor = attention_sharpness(model.config) if factor is None else factor
     changed = 0
     for module in model.modules():
         scaling = getattr(module, "scaling", None)
@@ -292,7 +303,7 @@ def run_mode(
             "seq_lens": list(batch.seq_lens),
             "tokens": int(batch.inputs["input_ids"].numel()),
             "padded_rows": list(lens) if padded is not None else None,
-            "attention_sharpness": ATTENTION_SHARPNESS,
+            "attention_sharpness": round(attention_sharpness(model.config), 3),
             "sharpened_modules": sharpened,
         },
     }

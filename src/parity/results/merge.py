@@ -171,7 +171,7 @@ def merge(
     report.files = files
     by_key = {(f.suite, f.variant, f.model): f for f in files}
     _check_manifests(report, manifests, by_key, models, require or [])
-    cases = _RegistryView()
+    cases = _RegistryView(results)
     for m in manifests:
         for problem in manifest_problems(m, results):
             report.fail(EXIT_INVALID, problem)
@@ -240,7 +240,8 @@ def _check_manifests(
 class _RegistryView:
     """The case registry, read once per merge; config hashes computed once per model."""
 
-    def __init__(self) -> None:
+    def __init__(self, results: Path | None = None) -> None:
+        self._results = results
         self._cases: dict[str, registry.Case] | None = None
         self._error: str | None = None
         self._hashes: dict[str, str] = {}
@@ -250,6 +251,8 @@ class _RegistryView:
         if self._cases is None and self._error is None:
             try:
                 self._cases = {c.id: c for c in registry.cases()}
+                if self._results is not None:  # the --config cases the run was given
+                    self._cases.update({c.id: c for c in registry.adhoc_cases(self._results)})
             except (registry.RegistryError, registry.ToyConfigError, OSError) as exc:
                 self._error = f"the case registry cannot be read: {exc}"
         if self._error is not None:

@@ -340,9 +340,18 @@ def write_adhoc(results: Path, configs: dict[str, Path]) -> Path:
 def extra_cases() -> list[Case]:
     """The ``--config`` cases named in ``PARITY_EXTRA_CASES``: default tolerances, facts from the config."""
     path = settings.get("PARITY_EXTRA_CASES")
-    if not path:
-        return []
-    entries = read_json(Path(path))
+    return adhoc_cases(Path(path)) if path else []
+
+
+def adhoc_cases(path: Path) -> list[Case]:
+    """The ad-hoc cases of an ad-hoc file (or of the results folder holding one): the merge reads the
+    same file the suites were given, so a ``--config`` run is judged as its own registry entry."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADHOC_FILE
+        if not path.is_file():
+            return []
+    entries = read_json(path)
     return [case_from_config(case_id, Path(config)) for case_id, config in entries.items()]
 
 
