@@ -11,69 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from parity.backend import attention, moe
 from parity.harness.checks._common import tiny_text_config
+from parity.harness.tiny import tiny_experts
 
 ATOL, RTOL = 1e-6, 1e-6  # bound = ATOL + RTOL * max|reference|
 
 
-def _text(model_type: str, **kw):
-    return AutoConfig.for_model(model_type, text_config=kw).text_config
-
-
-def experts_module(name: str) -> torch.nn.Module:
-    common = {"hidden_size": 32, "moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2}
-    if name == "qwen3_moe":
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
-
-        cfg = AutoConfig.for_model("qwen3_moe", **common)
-    elif name == "qwen3_vl_moe":
-        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts as cls
-
-        cfg = _text("qwen3_vl_moe", **common)
-    elif name == "qwen3_5_moe":
-        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeExperts as cls
-
-        cfg = _text("qwen3_5_moe", **common)
-    elif name == "qwen3_omni_moe":
-        from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTextConfig
-        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
-            Qwen3OmniMoeThinkerTextExperts as cls,
-        )
-
-        cfg = Qwen3OmniMoeTextConfig(**common)
-    elif name == "deepseek_v3":
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts as cls
-
-        cfg = AutoConfig.for_model(
-            "deepseek_v3",
-            hidden_size=32,
-            moe_intermediate_size=16,
-            n_routed_experts=8,
-            num_experts_per_tok=3,
-            n_group=1,
-            topk_group=1,
-        )
-    elif name == "mixtral":
-        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
-
-        cfg = AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=16, num_local_experts=8)
-    elif name == "gpt_oss":  # transposed [E, in, out] weights, biases, interleaved clamped gate
-        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
-
-        cfg = AutoConfig.for_model(
-            "gpt_oss", hidden_size=32, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2
-        )
-    else:
-        raise KeyError(name)
-    torch.manual_seed(0)
-    module = cls(cfg)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(std=0.2)
-    return module
+experts_module = tiny_experts
 
 
 def routing(tokens: int, experts: int, k: int, seed: int = 1):

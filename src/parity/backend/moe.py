@@ -48,11 +48,8 @@ PROVIDER_LOOP = "loop"
 # kernel log (same API as parity.backend.attention)
 
 
-_LOG = KernelLog()
-#: the module API the harness reads (same for attention and experts)
-kernel_providers_used = _LOG.providers_used
-kernel_call_counts = _LOG.call_counts
-reset_kernel_log = _LOG.reset
+_LOG = KernelLog()  # the same module API as parity.backend.attention's
+kernel_providers_used, kernel_call_counts, reset_kernel_log = _LOG.providers_used, _LOG.call_counts, _LOG.reset
 
 
 # --------------------------------------------------------------------------------------------

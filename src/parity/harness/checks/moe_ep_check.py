@@ -23,6 +23,7 @@ from parity.backend.moe import ep_expert_range, shard_experts_for_ep
 from parity.backend.parallel_state import parallel_groups
 from parity.harness.checks import _common
 from parity.harness.checks._common import SETTINGS, CaseResult
+from parity.harness.tiny import tiny_experts
 
 TAG = "moe_ep_check"
 TOKENS_PER_RANK = 24
@@ -30,34 +31,8 @@ TOKENS_PER_RANK = 24
 
 def _experts(model_type: str) -> torch.nn.Module:
     """A standalone experts module of ``model_type`` with the fused implementation selected."""
-    from transformers import AutoConfig
-
-    if model_type == "qwen3_moe":
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
-
-        cfg = AutoConfig.for_model(
-            "qwen3_moe", hidden_size=32, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2
-        )
-    elif model_type == "deepseek_v3":
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts as cls
-
-        cfg = AutoConfig.for_model(
-            "deepseek_v3",
-            hidden_size=32,
-            moe_intermediate_size=16,
-            n_routed_experts=8,
-            num_experts_per_tok=3,
-            n_group=1,
-            topk_group=1,
-        )
-    else:
-        raise KeyError(model_type)
-    cfg._experts_implementation = "fused"
-    torch.manual_seed(0)
-    module = cls(cfg)
-    with torch.no_grad():
-        module.gate_up_proj.normal_(std=0.2)
-        module.down_proj.normal_(std=0.2)
+    module = tiny_experts(model_type)
+    module.config._experts_implementation = "fused"
     return module.to(SETTINGS.device, SETTINGS.dtype)
 
 
