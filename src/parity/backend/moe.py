@@ -49,7 +49,8 @@ PROVIDER_LOOP = "loop"
 
 
 _LOG = KernelLog()  # the same module API as parity.backend.attention's
-kernel_providers_used, kernel_call_counts, reset_kernel_log = _LOG.providers_used, _LOG.call_counts, _LOG.reset
+kernel_providers_used, kernel_call_counts = _LOG.providers_used, _LOG.call_counts
+reset_kernel_log = _LOG.reset
 
 
 # --------------------------------------------------------------------------------------------
