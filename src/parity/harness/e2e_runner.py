@@ -483,7 +483,25 @@ def run_case(
                 reference_failed = record["cause"]
         writer.add(record)
         records.append(record)
-        if index == 0:  # the anchor right after the reference layout it is held against
+        if index == 0 and record["status"] != "ok":  # nothing to hold the anchor against
+            anchor = make_record(
+                suite=SUITE,
+                model=case_id,
+                variant=settings.run.variant,
+                mode={
+                    "id": ANCHOR_ID,
+                    "modeling_backend": "hf",
+                    "attn_implementation": "eager",
+                    "role": "anchor",
+                },
+                status="not_run",
+                reason=f"reference {modes[0].id} failed: {reference_failed or 'it did not run'}",
+                tolerance=tolerance,
+                fingerprint=record["fingerprint"],
+            )
+            writer.add(anchor)
+            records.append(anchor)
+        elif index == 0:  # the anchor right after the reference layout it is held against
             anchor = single_process_record(case_id, config_path, settings, is_moe, tolerance)
             writer.add(anchor)
             records.append(anchor)
