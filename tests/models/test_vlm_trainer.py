@@ -346,7 +346,7 @@ def check_peft_freeze(config_path: str) -> dict[str, int]:
         counts["kept_frozen_params"] = report.kept_frozen_params
 
     VLMTrainer(peft_model, VLMTrainingArguments(freeze_vit=True))._freeze_model_module()
-    batch = packed_batch(config, model=inner).inputs
+    batch = packed_batch(config, seq_lens=(64,), model=inner).inputs
     peft_model(**batch).loss.backward()
     with_grad = {n for n, p in peft_model.named_parameters() if p.grad is not None}
     assert with_grad == adapters - tower, (
@@ -423,7 +423,7 @@ def check_fsdp2_freeze(
     model = toy.build_model(config, attn_implementation="eager", seed=SEED)
     encoders = towers.expected_encoders(model)
     want = set().union(*(e.param_names for e in encoders.values()))
-    batch = packed_batch(config, model=model).inputs
+    batch = packed_batch(config, seq_lens=(64,), model=model).inputs  # one sample: the step is the point
     args = VLMTrainingArguments(freeze_vit=True, freeze_audio="audio" in encoders)
     VLMTrainer(model, args)._freeze_model_module()
     if before_shard is not None:

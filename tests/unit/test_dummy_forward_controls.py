@@ -114,3 +114,36 @@ def test_symmetric_steps_and_timeouts():
     assert judge(silent, hang)[0] == "caught"
     lost = {0: classify(0, 1, RESET, TRACE_0), 1: classify(1, 1, RESET, TRACE_1)}
     assert judge(silent, lost)[0] == "tool error"
+
+
+def test_watchdog_dumps_and_kills_a_stuck_child(tmp_path):
+    """A child that never gets anywhere is stopped at the deadline, with its stack in its log."""
+    import signal
+    import socket
+
+    from parity.harness.checks import dummy_forward_controls as controls
+
+    with socket.socket() as sock:  # a port nobody listens on: rank 1 waits for its rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    job = {
+        "id": "stuck",
+        "config": "qwen2_5_vl",
+        "batch": "vlm_batch",
+        "patch_size": 14,
+        "scenario": "all_vs_none",
+        "rank": 1,
+        "world": 2,
+        "port": port,
+        "pg_timeout_s": 60.0,
+        "store_timeout_s": 60.0,
+        "log": str(tmp_path / "rank1.log"),
+        "trace": str(tmp_path / "rank1.trace"),
+    }
+    controls._warm_up()  # the forkserver the job uses (its preload is most of this test's time)
+    exitcode, watchdog = controls._run_child(job, deadline_s=3.0)
+    log = (tmp_path / "rank1.log").read_text()
+    assert watchdog and exitcode == -signal.SIGKILL
+    assert "Current thread" in log or "Thread 0x" in log, log[-500:]  # faulthandler's SIGUSR1 dump
+    outcome = classify(1, exitcode, log, (tmp_path / "rank1.trace").read_text(), watchdog=True)
+    assert outcome.kind == "error" and "did not reach the step" in outcome.message  # not a collective timeout

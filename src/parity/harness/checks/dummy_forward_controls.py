@@ -400,7 +400,10 @@ def _warm_up() -> None:
 
 
 def _run_child(job: dict[str, Any], deadline_s: float) -> tuple[int | None, bool]:
-    """Start the child, wait up to ``deadline_s``; on the deadline dump its stack and kill it."""
+    """Start the child from this rank's forkserver, wait up to ``deadline_s``; then dump and kill it.
+
+    Returns (exit code, whether the watchdog had to stop it).
+    """
     proc = _CONTEXT.Process(target=control_child, args=(job,), name=f"control-{job['id']}-r{job['rank']}")
     proc.start()
     proc.join(deadline_s)
