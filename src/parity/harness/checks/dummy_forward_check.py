@@ -878,13 +878,11 @@ def main(argv: list[str] | None = None) -> int:
                 if args.out_dir is not None:
                     _write_json(args.out_dir / f"{case.id}.json", summary)
             gc.collect()
-        for control in args.controls:
-            _arm_case_deadline(args.case_timeout, rank)
-            result = controls.run_control(control, rank, world, args.out_dir)
-            if rank == 0:
-                assert result is not None
+        if args.controls:
+            rearm = lambda: _arm_case_deadline(args.case_timeout, rank)  # noqa: E731 - per batch
+            for result in controls.run_controls(args.controls, rank, world, args.out_dir, rearm):
                 passed = passed and result["verdict"] == "caught"
-                _write_json(args.out_dir / f"{control.id}.json", result)
+                _write_json(args.out_dir / f"{result['control']}.json", result)
     finally:
         shutdown()
     return 0 if passed else 1
