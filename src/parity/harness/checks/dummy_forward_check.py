@@ -807,7 +807,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="negative control, run after the cases (needs --out-dir): "
         "id=ID,config=PATH,batch=B,patch_size=P,scenario=NAME; repeatable",
     )
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="steps of the basic schedule (matrix: fixed)")
     parser.add_argument("--attn", default="eager", help="attention implementation of the FSDP2 run")
     parser.add_argument("--no-reference", action="store_true", help="skip the unsharded reference")
     parser.add_argument(
