@@ -1,10 +1,15 @@
 """Rank-asymmetric multimodal batches under FSDP2 finish, with the numbers of an unsharded run.
 
 2-rank ``torchrun`` jobs (gloo on CPU, NCCL on GPUs) through ``parity.harness.launch`` (watchdog, per-rank
-stacks on a hang, no leftover process). Rank 0 gets images + video (+ audio for Omni), rank 1
-text only; the worker (``parity.harness.checks.dummy_forward_check``) installs
-``parity.training.dummy_forward.enable_dummy_forward``, shards with FSDP2 and trains two SGD steps. Both
-ranks must finish with finite loss and gradients and match an unsharded, hook-free reference.
+stacks on a hang, no leftover process). The worker (``parity.harness.checks.dummy_forward_check``)
+installs ``parity.training.dummy_forward.enable_dummy_forward``, shards with FSDP2 and trains one
+SGD step per step of the case's schedule. ``test_dummy_forward`` runs the ``matrix`` schedule:
+two steps where rank 0 gets images + video (+ audio for Omni) and rank 1 text only, then
+images+video vs images only (rank 0 enters the vision tower twice, rank 1 once), video only vs
+nothing, nothing vs everything, and for Omni images vs audio. Every step must match an unsharded,
+hook-free reference (per-rank losses, global and vision grad norms), and after the hook every
+rank must have entered each encoder equally often, once per slot, with dummy passes exactly where
+its batch has no input (counts recorded per rank and step).
 
 The batch function of a case is how rank 0's multimodal batch is built. It runs in the worker
 processes, so it travels by name: ``partial(_vlm_batch, patch_size=P)`` becomes
@@ -18,9 +23,20 @@ still asserts on its own case's result file. Each case runs under its own deadli
 ranks (CASE_TIMEOUT_S: stack dump, then exit), so one hang fails fast and names its case; cases
 after a crash report "not reached".
 
-The negative control runs qwen2_5_vl alone with ``PARITY_DISABLE_DUMMY_FORWARD=1``: it must fail
-within the launcher timeout (on gloo a collective size mismatch aborts a rank within seconds; on
-NCCL the job hangs until the process-group timeout) and leave no process behind.
+Negative controls, same job: ``test_negative_control[<model>-<scenario>]`` runs one asymmetric
+step with the hook off, in a pair of child processes per control
+(``parity.harness.checks.dummy_forward_controls``: gloo aborts the process on a size mismatch, so
+a control cannot share a process with the next one). It must end in a collective mismatch (gloo's
+"Received data size doesn't match expected size", with the two units' shard sizes) or a
+collective timeout, on the rank and in the FSDP unit predicted from the model's structure; any
+other end is a tool error and fails the control. Every model runs every scenario of its family;
+a control costs about a second (the children fork from a forkserver that has torch, transformers
+and the modeling modules imported).
+
+``test_negative_control_without_dummy_forward_fails`` is the launch-level control: the basic job
+of qwen2_5_vl with ``PARITY_DISABLE_DUMMY_FORWARD=1``. The job must crash on the same predicted
+mismatch (rank, unit, sizes: read from the ranks' logs), fast, with every rank's stack, and leave
+no process behind.
 
 Hang defences, innermost first: process-group timeout PG_TIMEOUT_S (a stuck collective raises),
 per-case rank deadline CASE_TIMEOUT_S, launcher watchdog (stacks of every rank, then kill the
@@ -39,6 +55,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +68,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from parity import settings  # noqa: E402
+from parity.harness.checks import dummy_forward_check as worker  # noqa: E402
+from parity.harness.checks import dummy_forward_controls as controls  # noqa: E402
 from parity.harness.checks.dummy_forward_check import enable_activation_checkpointing  # noqa: E402
 from parity.harness.checks.dummy_forward_check import omni_batch as _omni_batch  # noqa: E402
 from parity.harness.checks.dummy_forward_check import text_batch as _text_batch  # noqa: E402
@@ -60,7 +79,7 @@ from parity.results import registry  # noqa: E402
 from parity.results.records import ResultsWriter, make_record  # noqa: E402
 
 NPROC = 2
-STEPS = 2
+STEPS = 2  # of the basic schedule (gradient checkpointing cases, launch-level control)
 CASE_TIMEOUT_S = settings.get("PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S") or 75.0
 #: The worker uses NCCL when every rank has a GPU (parity.harness.checks.dummy_forward_check._use_gpus).
 _ON_GPUS = torch.cuda.device_count() >= 2
@@ -70,6 +89,8 @@ _ON_GPUS = torch.cuda.device_count() >= 2
 # the slack; its negative control fails on a size mismatch long before it anyway.
 PG_TIMEOUT_S = min(10.0 if _ON_GPUS else 40.0, 0.5 * CASE_TIMEOUT_S)
 STARTUP_S = 60.0  # torchrun + imports of both ranks, before the first case starts
+#: What each negative control must report within (start of the control to its verdict), CPU.
+CONTROL_REPORT_S = 60.0
 
 
 def launch_timeout(n_cases: int) -> float:
@@ -82,6 +103,7 @@ EXPECTED_MODES = ["reference", "fsdp2_asym"]
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 MODULE = "parity.harness.checks.dummy_forward_check"
+
 
 def _cases(family: str, batch: Callable) -> list:
     """The registry's VLM (or Omni) models, in the seed's shape: id, toy dir, batch builder."""
@@ -101,34 +123,67 @@ _omni_cases = _cases("omni", _omni_batch)
 _GRADIENT_CHECKPOINTING_IDS = [c.id for c in registry.cases_for("dummy_forward") if c.gradient_checkpointing]
 _NEGATIVE_CONTROL_ID = "qwen2_5_vl"
 _ALL_CASES = _vlm_cases + _omni_cases
+_FAMILY = {c.id: c.family for c in registry.cases_for("dummy_forward")}
+_CONTROLS = [
+    pytest.param(p.id, scenario, id=f"{p.id}-{scenario}")
+    for p in _ALL_CASES
+    for scenario in worker.SCENARIOS
+    if _FAMILY[p.id] == "omni" or scenario not in worker._OMNI_ONLY
+]
 # pytest-timeout counts fixture time: the first test pays for the whole shared job.
-TEST_TIMEOUT_S = launch_timeout(len(_ALL_CASES) + len(_GRADIENT_CHECKPOINTING_IDS)) + 60
+TEST_TIMEOUT_S = launch_timeout(len(_ALL_CASES) + len(_GRADIENT_CHECKPOINTING_IDS) + len(_CONTROLS)) + 60
 
 
 def _case(case_id: str) -> tuple:
     return next(p.values for p in _ALL_CASES if p.id == case_id)
 
 
-def _spec(key: str, case_id: str, *, gc: bool) -> str:
+def _spec(key: str, case_id: str, *, gc: bool, schedule: str = "basic") -> str:
     """``--case`` value of the worker: the batch function travels by name and keyword arguments."""
     _, config_path, batch_fn = _case(case_id)
     spec = (
         f"id={key},config={ROOT / config_path},batch={batch_fn.func.__name__},"
-        f"patch_size={batch_fn.keywords['patch_size']}"
+        f"patch_size={batch_fn.keywords['patch_size']},schedule={schedule}"
     )
     return spec + (",gc=1" if gc else "")
+
+
+def _control_spec(key: str, case_id: str, scenario: str) -> str:
+    _, config_path, batch_fn = _case(case_id)
+    return (
+        f"id={key},config={ROOT / config_path},batch={batch_fn.func.__name__},"
+        f"patch_size={batch_fn.keywords['patch_size']},scenario={scenario}"
+    )
 
 
 def _key(case_id: str, gc: bool) -> str:
     return f"{case_id}_gc" if gc else case_id
 
 
-def _launch(root: Path, keys: list[tuple[str, str, bool]], env: dict[str, str] | None = None) -> LaunchResult:
+def _control_key(case_id: str, scenario: str) -> str:
+    return f"control_{case_id}_{scenario}"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One entry of the shared job: a case (``scenario`` None) or a negative control."""
+
+    key: str
+    case_id: str
+    gc: bool = False
+    schedule: str = "basic"
+    scenario: str | None = None
+
+
+def _launch(root: Path, planned: list[Planned], env: dict[str, str] | None = None) -> LaunchResult:
     pythonpath = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
     args = ["-m", MODULE, "--steps", str(STEPS), "--out-dir", str(root / "out")]
     args += ["--case-timeout", f"{CASE_TIMEOUT_S:g}"]
-    for key, case_id, gc in keys:
-        args += ["--case", _spec(key, case_id, gc=gc)]
+    for p in planned:
+        if p.scenario is None:
+            args += ["--case", _spec(p.key, p.case_id, gc=p.gc, schedule=p.schedule)]
+        else:
+            args += ["--control", _control_spec(p.key, p.case_id, p.scenario)]
     launch_env = {
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": pythonpath,
@@ -137,7 +192,7 @@ def _launch(root: Path, keys: list[tuple[str, str, bool]], env: dict[str, str] |
         **(env or {}),
     }
     return launch(
-        args, nproc=NPROC, timeout_s=launch_timeout(len(keys)), log_dir=root / "logs", env=launch_env
+        args, nproc=NPROC, timeout_s=launch_timeout(len(planned)), log_dir=root / "logs", env=launch_env
     )
 
 
@@ -161,30 +216,35 @@ class Job:
         return f"no result for {key}: the job ended in {where}: {status}\n{self.result.summary()}"
 
 
-def _selected(session: pytest.Session, module: object) -> list[tuple[str, str, bool]]:
-    """(result key, case id, gradient checkpointing) of every case test selected in this session."""
-    keys = []
+def _selected(session: pytest.Session, module: object) -> list[Planned]:
+    """What the selected tests of this module need from the shared job: cases first, then controls."""
+    cases, ctls = [], []
     for item in session.items:
         if getattr(item, "module", None) is not module or not hasattr(item, "callspec"):
             continue
+        params = item.callspec.params
         if item.originalname == "test_dummy_forward":
-            case_id, gc = item.callspec.id, False
+            cases.append(Planned(item.callspec.id, item.callspec.id, schedule="matrix"))
         elif item.originalname == "test_dummy_forward_gradient_checkpointing":
-            case_id, gc = item.callspec.params["case_id"], True
-        else:
-            continue
-        keys.append((_key(case_id, gc), case_id, gc))
-    return keys
+            cases.append(Planned(_key(params["case_id"], True), params["case_id"], gc=True))
+        elif item.originalname == "test_negative_control":
+            key = _control_key(params["model_name"], params["scenario"])
+            ctls.append(Planned(key, params["model_name"], scenario=params["scenario"]))
+    return cases + ctls
 
 
 @pytest.fixture(scope="module")
 def job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Job:
-    keys = _selected(request.session, request.module)
+    planned = _selected(request.session, request.module)
     root = tmp_path_factory.mktemp("dummy_forward")
     start = time.monotonic()
-    result = _launch(root, keys)
-    print(f"\nshared job: {len(keys)} case(s), {result.status} in {time.monotonic() - start:.1f}s")
-    return Job(result, root / "out", [k for k, _, _ in keys])
+    result = _launch(root, planned)
+    n_ctl = sum(p.scenario is not None for p in planned)
+    print(
+        f"\nshared job: {len(planned) - n_ctl} case(s) + {n_ctl} control(s), {result.status} "
+        f"in {time.monotonic() - start:.1f}s"
+    )
+    return Job(result, root / "out", [p.key for p in planned])
 
 
 @pytest.fixture
@@ -220,28 +280,35 @@ def _write_records(model: str, summary: dict | None, reason: str, results_dir: P
         )
 
 
-def _check(job: Job, key: str) -> dict:
+def _check(job: Job, key: str, family: str) -> dict:
     summary = job.summary(key)
     assert job.result.survivors == [], job.result.summary()
     assert summary is not None, job.explain_missing(key)
+    scenarios = summary["scenarios"]
     for rank in summary["ranks"]:
-        print(
-            f"{key} rank {rank['rank']}: inputs={rank['modalities']} dummy_calls={rank['dummy_calls']} "
-            f"losses={rank['losses']} grad_norm={rank['grad_norm']}"
-        )
+        print(f"{key} rank {rank['rank']}: losses={rank['losses']} grad_norm={rank['grad_norm']}")
+    for step, name in enumerate(scenarios):
+        per_rank = [
+            f"rank {r['rank']} inputs={r['modalities'][step]} dummy={r['dummy_calls'][step]} "
+            f"entries={r['encoder_entries'][step]}"
+            for r in summary["ranks"]
+        ]
+        print(f"{key} step {step} {name}: " + "; ".join(per_rank))
     print(
         f"{key}: {summary['elapsed_s']}s in the job; deviation from reference {summary.get('max_deviation')}"
     )
     assert summary["passed"], f"{key}: " + "; ".join(summary["problems"])
-    rank0, rank1 = summary["ranks"]
-    assert rank0["modalities"] and not rank1["modalities"], "the batches are not rank-asymmetric"
-    assert rank0["dummy_forward_enabled"] and rank1["dummy_forward_enabled"]
-    # The text-only rank ran one dummy pass per modality and step; rank 0 had everything real.
-    expected = {"image": STEPS, "video": STEPS}
-    if "input_features" in rank0["modalities"]:
-        expected["audio"] = STEPS
-    assert rank1["dummy_calls"] == expected
-    assert rank0["dummy_calls"] == {}
+    assert all(r["dummy_forward_enabled"] for r in summary["ranks"])
+    slots = worker.family_modalities(family)
+    for step, name in enumerate(scenarios):
+        for r in summary["ranks"]:
+            # What the schedule asked for is what the batch held, and the hook filled every other slot.
+            wanted = list(worker.modalities_of(worker.SCENARIOS[name][r["rank"]], family))
+            got = r["modalities"][step]
+            assert got == wanted, f"step {step} rank {r['rank']}: batch has {got}, schedule says {wanted}"
+            assert r["dummy_calls"][step] == {m: 1 for m in slots if m not in wanted}
+        entries = [r["encoder_entries"][step] for r in summary["ranks"]]
+        assert all(e == entries[0] for e in entries), f"step {step} ({name}): encoder entries {entries}"
     return summary
 
 
@@ -252,15 +319,49 @@ def test_dummy_forward(job: Job, results_dir: Path, model_name: str, config_path
     summary = job.summary(model_name)
     reason = "" if summary is not None else job.explain_missing(model_name).splitlines()[0]
     _write_records(model_name, summary, reason, results_dir)
-    _check(job, model_name)
+    summary = _check(job, model_name, _FAMILY[model_name])
+    expected = worker.scenario_names("matrix", _FAMILY[model_name], STEPS)
+    assert summary["scenarios"] == expected
+    assert {"iv_vs_i", "v_vs_none", "none_vs_all"} <= set(expected)
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(TEST_TIMEOUT_S, method="thread")
 @pytest.mark.parametrize("case_id", _GRADIENT_CHECKPOINTING_IDS)
 def test_dummy_forward_gradient_checkpointing(job: Job, case_id: str):
-    summary = _check(job, _key(case_id, True))
+    summary = _check(job, _key(case_id, True), _FAMILY[case_id])
     assert summary["gradient_checkpointing"]
+
+
+def _report(summary: dict) -> str:
+    outcomes = "; ".join(
+        f"rank {o['rank']}: {o['kind']} in {o['units'][-1] if o['units'] else None}"
+        + (f" ({o['sizes'][0]} vs {o['sizes'][1]} bytes)" if o["sizes"] else "")
+        for o in summary["outcomes"]
+    )
+    pred = summary["prediction"]
+    where = pred["modules"].get(str(pred["rank"]), pred["modules"].get(pred["rank"]))
+    return (
+        f"{summary['control']}: {summary['verdict'].upper()} in {summary['elapsed_s']}s; {outcomes}; "
+        f"predicted {pred['kind']} on rank {pred['rank']} in {where}"
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(TEST_TIMEOUT_S, method="thread")
+@pytest.mark.parametrize("model_name, scenario", _CONTROLS)
+def test_negative_control(job: Job, model_name: str, scenario: str):
+    """Hook off, one asymmetric step: a collective mismatch or timeout, where the model says, in time."""
+    key = _control_key(model_name, scenario)
+    summary = job.summary(key)
+    assert job.result.survivors == [], job.result.summary()
+    assert summary is not None, job.explain_missing(key)
+    print(_report(summary))
+    for problem in summary["problems"]:
+        print(f"  {problem}")
+    assert summary["verdict"] == "caught", f"{key}: {summary['verdict']}: " + "; ".join(summary["problems"])
+    assert summary["prediction"]["kind"] in ("mismatch", "timeout")
+    assert summary["elapsed_s"] <= CONTROL_REPORT_S, f"{key}: reported after {summary['elapsed_s']}s"
 
 
 def _pids_alive(pids: list[int]) -> list[int]:
@@ -276,13 +377,35 @@ def _pids_alive(pids: list[int]) -> list[int]:
     return alive
 
 
+_TRACE = re.compile(r"^\[dummy_forward_check\] rank=\d+ ((?:ready|enter \S+))$", re.M)
+
+
+def _launch_outcomes(result: LaunchResult) -> dict[int, controls.RankOutcome]:
+    """Each rank's end, from the launch's own logs (same reading as the in-job controls)."""
+    outcomes = {}
+    for rank in range(NPROC):
+        log_dir = result.rank_logs.get(rank)
+        text = {
+            name: (log_dir / name).read_text(errors="replace") if log_dir else ""
+            for name in ("stdout.log", "stderr.log")
+        }
+        trace = "\n".join(_TRACE.findall(text["stdout.log"]))
+        log = text["stderr.log"] + "\n" + result.stacks.get(rank, "")
+        outcomes[rank] = controls.classify(
+            rank, result.failed_ranks.get(rank), log, trace, watchdog=result.status == "timeout"
+        )
+    return outcomes
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(launch_timeout(1) + 60, method="thread")
 def test_negative_control_without_dummy_forward_fails(tmp_path: Path):
-    """Same job, hooks off: it must fail (not pass, not hang forever) and leave nothing behind."""
+    """Same job, hooks off: it must fail the predicted way (not pass, not hang), and leave nothing behind."""
+    from parity.harness import toy
+
     key = _NEGATIVE_CONTROL_ID
     start = time.monotonic()
-    result = _launch(tmp_path, [(key, key, False)], env={"PARITY_DISABLE_DUMMY_FORWARD": "1"})
+    result = _launch(tmp_path, [Planned(key, key)], env={"PARITY_DISABLE_DUMMY_FORWARD": "1"})
     elapsed = time.monotonic() - start
     print(f"negative control ({key}, dummy forward off): {result.status} after {elapsed:.1f}s")
     print(result.summary())
@@ -290,6 +413,17 @@ def test_negative_control_without_dummy_forward_fails(tmp_path: Path):
     assert not (tmp_path / "out" / f"{key}.json").is_file()
     assert elapsed < launch_timeout(1) + 30, f"failure took {elapsed:.1f}s"
     assert result.survivors == [], result.summary()
+
+    config = toy.load_config(ROOT / _case(key)[1])
+    mods = {r: worker.modalities_of(m, "vlm") for r, m in enumerate(worker.SCENARIOS["all_vs_none"])}
+    prediction = controls.predict(toy.build_model(config, attn_implementation="eager"), mods, NPROC)
+    outcomes = _launch_outcomes(result)
+    verdict, problems = controls.judge(prediction, outcomes)
+    for rank, o in sorted(outcomes.items()):
+        print(f"rank {rank}: {o.kind} in {o.last_unit} (exit {o.exitcode}): {o.message}")
+    print(f"predicted {prediction.kind} on rank {prediction.rank} in {prediction.modules}: {verdict}")
+    assert verdict == "caught", "; ".join(problems) + "\n" + result.summary()
+
     if result.status == "timeout":
         # A hang: the launcher must have collected every rank's stack before killing it.
         assert sorted(result.stacks) == list(range(NPROC)), result.summary()

@@ -121,11 +121,53 @@ def sigkill_rank1() -> None:
     patch("parity.training.train", "total_grad_norm", wrap)
 
 
+def wrong_tower_lookup(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A tower lookup that returns the language model next to the tower (the wrong module)."""
+    from parity.training.vlm_trainer import TowerLocation
+
+    def locate_tower(model: Any, kind: str = "vision") -> Any:
+        real = original(model, kind)
+        prefix = real.path.rpartition(".")[0]
+        for attr in ("language_model", "model"):
+            other = real.owner._modules.get(attr)
+            if other is not None and other is not real.tower:
+                path = f"{prefix}.{attr}" if prefix else attr
+                return TowerLocation(path=path, owner=real.owner, tower=other)
+        raise RuntimeError(f"planted fault: no language model next to {real.path}")
+
+    return locate_tower
+
+
+def partial_tower_lookup(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A tower lookup that returns only the tower's first sub-module (the patch embedding, a conv)."""
+    from parity.training.vlm_trainer import TowerLocation
+
+    def locate_tower(model: Any, kind: str = "vision") -> Any:
+        real = original(model, kind)
+        children = [(n, m) for n, m in real.tower.named_children() if any(True for _ in m.parameters())]
+        name, sub = next(((n, m) for n, m in children if n == "patch_embed"), children[0])
+        return TowerLocation(path=f"{real.path}.{name}", owner=real.tower, tower=sub)
+
+    return locate_tower
+
+
+def freeze_wrong_tower() -> None:
+    """``locate_tower`` finds the language model instead of the vision/audio tower."""
+    patch("parity.training.vlm_trainer", "locate_tower", wrong_tower_lookup)
+
+
+def freeze_partial_tower() -> None:
+    """``locate_tower`` finds only part of the tower (its patch embedding / first conv)."""
+    patch("parity.training.vlm_trainer", "locate_tower", partial_tower_lookup)
+
+
 FAULTS: dict[str, Callable[[], None]] = {
     "ulysses_swap": ulysses_swap,
     "ep_drop": ep_drop,
     "skip_collective_rank1": skip_collective_rank1,
     "sigkill_rank1": sigkill_rank1,
+    "freeze_wrong_tower": freeze_wrong_tower,
+    "freeze_partial_tower": freeze_partial_tower,
 }
 
 

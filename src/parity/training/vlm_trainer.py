@@ -133,6 +133,14 @@ class FreezeReport:
     frozen_params: int  # number of parameter elements with requires_grad False
     trainable_params: int
     frozen_paths: tuple[str, ...]  # tower paths that were frozen, e.g. ("model.visual",)
+    # Elements frozen although no requested tower holds them: the model arrived with them frozen
+    # (a PEFT/LoRA base), and freeze_vit says nothing about them.
+    kept_frozen_params: int = 0
+
+
+#: Attribute on the unwrapped model: names of the parameters the last call froze (and only those
+#: may be made trainable again by a later call).
+_FROZEN_BY_TRAINER = "_parity_frozen_by_trainer"
 
 
 class VLMTrainer:
@@ -147,24 +155,48 @@ class VLMTrainer:
         self.args = args
 
     def _freeze_model_module(self) -> FreezeReport:
-        """Make exactly the requested towers frozen and everything else trainable.
+        """Freeze exactly the requested towers; leave every other parameter as the model arrived.
 
-        Everything is first made trainable, so calling this twice with different arguments gives
-        the same result as calling it once; then each requested tower has every parameter frozen
-        (``requires_grad_(False)``). A requested tower that the model does not have is an error:
-        a freeze that silently does nothing would train the ViT the user asked to keep fixed.
+        Only the freezing of an earlier call is undone first (its parameter names are kept on the
+        unwrapped model), so calling this twice with different arguments gives the same result as
+        calling it once, on any trainer holding the same model. Nothing else is made trainable: a
+        blanket ``requires_grad_(True)`` would unfreeze the base of a PEFT/LoRA model, which arrives
+        with only its adapters trainable, and train the whole network. Then each requested tower
+        has every parameter frozen (adapters inside the tower included). A requested tower that the
+        model does not have is an error: a freeze that silently does nothing would train the ViT
+        the user asked to keep fixed.
+
+        Call it before ``fully_shard``: FSDP2 keeps each parameter's ``requires_grad`` when it
+        shards, and its reduce-scatters are planned from them.
         """
         model = self.model
-        model.requires_grad_(True)
+        base = unwrap_model(model)
+        named = dict(base.named_parameters())
+        for name in getattr(base, _FROZEN_BY_TRAINER, ()):
+            if name in named:
+                named[name].requires_grad_(True)
         frozen_paths = []
+        frozen_here: set[str] = set()
         for kind, wanted in (("vision", self.args.freeze_vit), ("audio", self.args.freeze_audio)):
             if not wanted:
                 continue
             location = locate_tower(model, kind)  # raises ValueError naming the paths tried
+            for name, param in location.tower.named_parameters():
+                if param.requires_grad:
+                    frozen_here.add(f"{location.path}.{name}")
             location.tower.requires_grad_(False)
             frozen_paths.append(location.path)
+        base.__dict__[_FROZEN_BY_TRAINER] = frozenset(frozen_here)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        kept = sum(
+            p.numel()
+            for n, p in named.items()
+            if not p.requires_grad and not any(n.startswith(path + ".") for path in frozen_paths)
+        )
         return FreezeReport(
-            frozen_params=frozen, trainable_params=trainable, frozen_paths=tuple(frozen_paths)
+            frozen_params=frozen,
+            trainable_params=trainable,
+            frozen_paths=tuple(frozen_paths),
+            kept_frozen_params=kept,
         )
