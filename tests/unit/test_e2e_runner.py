@@ -84,6 +84,13 @@ def test_a_dead_reference_stops_the_model(monkeypatch, tmp_path, settings):
     assert list(runs) == [MODES[0]] and runs[MODES[0]].status == "crash"
 
 
+def _split(records: list[dict]) -> tuple[list[dict], dict]:
+    """(the layouts' records, the single-process anchor's record)."""
+    anchor = [r for r in records if r["mode"]["id"] == e2e.ANCHOR_ID]
+    assert len(anchor) == 1
+    return [r for r in records if r is not anchor[0]], anchor[0]
+
+
 def test_run_case_records_not_run_layouts_with_the_reference_cause(monkeypatch, tmp_path, settings):
     fake = FakeJobs({"sp1_ep1"})
     monkeypatch.setattr(e2e, "launch", fake)
@@ -91,9 +98,11 @@ def test_run_case_records_not_run_layouts_with_the_reference_cause(monkeypatch, 
     records = e2e.run_case(
         "qwen3_moe", "./toy_config/qwen3_moe_toy/config.json", True, 0.1, 0.1, None, settings, tmp_path / "w"
     )
-    assert [r["status"] for r in records] == ["error", "not_run", "not_run", "not_run"]
+    layouts, anchor = _split(records)
+    assert [r["status"] for r in layouts] == ["error", "not_run", "not_run", "not_run"]
     assert records[0]["cause"] == "rank 1 killed by SIGKILL (first failure)"
-    assert records[3]["reason"] == "reference sp1_ep1 failed: rank 1 killed by SIGKILL (first failure)"
+    assert layouts[3]["reason"] == "reference sp1_ep1 failed: rank 1 killed by SIGKILL (first failure)"
+    assert anchor["status"] == "not_run" and anchor["reason"] == layouts[3]["reason"]  # nothing to anchor
 
 
 def test_one_job_for_several_models_and_a_dead_reference_drops_only_its_model(
@@ -115,7 +124,9 @@ def test_one_job_for_several_models_and_a_dead_reference_drops_only_its_model(
         ["sp1_ep1", "sp1_ep2", "sp2_ep1", "sp2_ep2"],
     ]
     records = e2e.run_case("llama", models[0][0], False, 0.1, 0.1, None, settings, tmp_path / "llama")
-    assert [r["status"] for r in records] == ["error", "not_run"]
+    assert [r["status"] for r in _split(records)[0]] == ["error", "not_run"]
     records = e2e.run_case("qwen3_moe", models[1][0], True, 0.1, 0.1, None, settings, tmp_path / "moe")
-    assert [r["status"] for r in records] == ["ok"] * 4
+    layouts, anchor = _split(records)
+    assert [r["status"] for r in layouts] == ["ok"] * 4
+    assert anchor["status"] == "ok"  # the single-process run needs no launch
     assert len(fake.jobs) == 2  # run_case found everything in the cache

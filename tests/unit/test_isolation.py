@@ -20,7 +20,12 @@ from parity.harness import isolate  # noqa: E402
 from parity.harness.patch_runner import RunSettings, run_case  # noqa: E402
 from parity.results import merge, registry  # noqa: E402
 from parity.results.modes import ModelMode  # noqa: E402
-from parity.results.records import Tolerance  # noqa: E402
+from parity.results.records import (  # noqa: E402
+    RunManifest,
+    Tolerance,  # noqa: E402, run_manifest_path, write_json_atomic
+    run_manifest_path,
+    write_json_atomic,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PLANTS = "tests.unit.workers.plants"
@@ -35,6 +40,12 @@ def _run(model: str, results: Path, isolated: bool = True) -> list[dict]:
 
 
 def _verdicts(results: Path) -> dict[tuple[str, str], tuple[str, str]]:
+    # the session's manifest (a results file no manifest lists is refused as stale)
+    files = (results / "patch" / "eager").glob("*.json")
+    models = sorted(p.stem for p in files if not p.name.startswith("_"))
+    write_json_atomic(
+        run_manifest_path(results, "patch", "eager"), RunManifest("patch", "eager", models, "ran").to_json()
+    )
     report = merge.merge(results, suites=["patch"])
     print(merge.render_table(report.rows))
     return {(r.model, r.mode): (r.verdict, r.detail) for r in report.rows}

@@ -360,7 +360,7 @@ def test_no_value_anywhere_makes_the_merge_raise(folder, monkeypatch):
     """Every field of a results file and its manifest, replaced by each of a dozen bad values: the merge
     returns 0/1/2 and never raises (a hand-edited or truncated file is evidence, not a crash)."""
     shared = merge_mod._RegistryView()  # the toy configs do not change here: read them once
-    monkeypatch.setattr(merge_mod, "_RegistryView", lambda: shared)
+    monkeypatch.setattr(merge_mod, "_RegistryView", lambda *args, **kwargs: shared)
     results_file = _clean(folder)
     manifest_file = folder.root / "patch" / "eager" / "_run.json"
     tried = 0

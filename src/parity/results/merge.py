@@ -575,8 +575,8 @@ def _check_anchors(report: Report, suite: str, model: str, refs: list[tuple[str,
                 f"{dev.max_abs:.3g}",
                 f"{dev.max_rel:.3g}",
                 f"rtol={tol.rtol:g} atol={tol.atol:g}",
-                "PASS" if dev.ok else "FAIL",
-                "mixed: " + "; ".join(mixed) if mixed else "",
+                verdict="PASS" if dev.ok else "FAIL",
+                detail="mixed: " + "; ".join(mixed) if mixed else "",
             )
             report.rows.append(row)
             if not dev.ok:
