@@ -15,6 +15,7 @@ from __future__ import annotations
 import nox
 
 from parity.results import registry
+from parity.results.modes import DUMMY_FORWARD_SCENARIOS, VLM_PLANTED_LOOKUPS, control_scenarios
 from sessions.suites import node_id, run_suite
 from sessions.variants import ROOT
 
@@ -22,8 +23,7 @@ VLM_TRAINER_TEST = ROOT / "tests" / "models" / "test_vlm_trainer.py"
 DUMMY_FORWARD_TEST = ROOT / "tests" / "distributed" / "test_dummy_forward.py"
 #: Both suites run in the eager variant's env: they need torch and transformers, not flash kernels.
 VARIANT = "eager"
-#: The planted tower-lookup faults of tests/models/test_vlm_trainer.py (its _PLANTED keys).
-PLANTED = ("partial_tower", "wrong_tower")
+PLANTED = VLM_PLANTED_LOOKUPS
 
 
 def gradient_checkpointing_cases() -> list[str]:
@@ -31,10 +31,7 @@ def gradient_checkpointing_cases() -> list[str]:
     return [case.id for case in registry.cases_for("dummy_forward") if case.gradient_checkpointing]
 
 
-#: The asymmetric scenarios of the dummy_forward negative controls (keys of the worker's
-#: SCENARIOS; kept here because sessions must not import the torch-side worker).
-CONTROL_SCENARIOS = ("all_vs_none", "iv_vs_i", "v_vs_none", "none_vs_all", "i_vs_a")
-_OMNI_ONLY_SCENARIOS = ("i_vs_a",)
+CONTROL_SCENARIOS = DUMMY_FORWARD_SCENARIOS
 
 
 def vlm_trainer_node_ids(models: list[str]) -> list[str]:
@@ -59,16 +56,15 @@ def vlm_trainer_node_ids(models: list[str]) -> list[str]:
 def dummy_forward_node_ids(models: list[str]) -> list[str]:
     """The dummy_forward tests of these models, plus the launch-level negative control."""
     with_gc = set(gradient_checkpointing_cases())
-    omni = {case.id for case in registry.cases_for("dummy_forward") if case.family == "omni"}
+    family = {case.id: case.family for case in registry.cases_for("dummy_forward")}
     ids = []
     for m in models:
         ids.append(node_id(DUMMY_FORWARD_TEST, "test_dummy_pass_reaches_what_a_real_batch_reaches", m))
         ids.append(node_id(DUMMY_FORWARD_TEST, "test_dummy_forward", m))
         if m in with_gc:
             ids.append(node_id(DUMMY_FORWARD_TEST, "test_dummy_forward_gradient_checkpointing", m))
-        for scenario in CONTROL_SCENARIOS:
-            if m in omni or scenario not in _OMNI_ONLY_SCENARIOS:
-                ids.append(node_id(DUMMY_FORWARD_TEST, "test_negative_control", f"{m}-{scenario}"))
+        for scenario in control_scenarios(family.get(m, "vlm")):
+            ids.append(node_id(DUMMY_FORWARD_TEST, "test_negative_control", f"{m}-{scenario}"))
     return ids + [node_id(DUMMY_FORWARD_TEST, "test_negative_control_without_dummy_forward_fails")]
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from parity.harness import toy_rules
 from parity.results import modes, registry
+from parity.results.modes import VLM_PLANTED_LOOKUPS, control_scenarios
 
 ROOT = registry.REPO_ROOT
 PATCH = "tests/models/test_models_patch.py"
@@ -79,6 +80,8 @@ def expected_nodes(case: registry.Case) -> list[str]:
     ]
     if "vlm_trainer" in case.suites:
         nodes.append(f"{VLM_TRAINER}::test_freeze_vit[{case.id}]")
+        nodes += [f"{VLM_TRAINER}::test_planted_lookup_is_caught[{case.id}-{f}]" for f in VLM_PLANTED_LOOKUPS]
+        nodes.append(f"{VLM_TRAINER}::test_freeze_survives_fsdp2[{case.id}]")
     if "dummy_forward" in case.suites:
         nodes += [
             f"{DUMMY_FORWARD}::test_dummy_pass_reaches_what_a_real_batch_reaches[{case.id}]",
@@ -86,6 +89,9 @@ def expected_nodes(case: registry.Case) -> list[str]:
         ]
         if case.gradient_checkpointing:
             nodes.append(f"{DUMMY_FORWARD}::test_dummy_forward_gradient_checkpointing[{case.id}]")
+        nodes += [
+            f"{DUMMY_FORWARD}::test_negative_control[{case.id}-{s}]" for s in control_scenarios(case.family)
+        ]
     return nodes
 
 

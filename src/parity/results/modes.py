@@ -151,3 +151,19 @@ def mode_skip_reason(mode: ModelMode, device_type: str, dtype: str) -> str | Non
         if dtype not in ("bfloat16", "float16"):
             return f"{mode.attn_implementation} needs bfloat16/float16 (running in {dtype})"
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# the VLM suites' per-model cases (read by the sessions and the checklist; torch-free)
+
+#: The planted tower-lookup faults of tests/models/test_vlm_trainer.py (its _PLANTED keys).
+VLM_PLANTED_LOOKUPS = ("partial_tower", "wrong_tower")
+#: The asymmetric scenarios of the dummy_forward negative controls (keys of the worker's SCENARIOS).
+DUMMY_FORWARD_SCENARIOS = ("all_vs_none", "iv_vs_i", "v_vs_none", "none_vs_all", "i_vs_a")
+#: Scenarios that need an audio tower (Omni models only).
+OMNI_ONLY_SCENARIOS = ("i_vs_a",)
+
+
+def control_scenarios(family: str) -> tuple[str, ...]:
+    """The dummy_forward negative-control scenarios a model of this family runs."""
+    return tuple(s for s in DUMMY_FORWARD_SCENARIOS if family == "omni" or s not in OMNI_ONLY_SCENARIOS)
