@@ -38,11 +38,13 @@ nox.options.sessions = ["patch"]
 @nox.session(reuse_venv=True)
 @nox.parametrize("backend", list(VARIANTS), ids=list(VARIANTS))
 def patch(session: nox.Session, backend: str) -> None:
-    """Single-device fwd/bwd parity of each model across attention and MoE backends, then merge.
+    """Single-device fwd/bwd parity, tensor by tensor, of each model across attention/MoE backends.
 
-    Usage: nox -s patch -- [MODEL ...] [--results DIR] [--timeout S] [--require fa2|fa3]
-    No MODEL means every case in tests/models/test_models_patch.py. Each variant (eager, fa2, fa3)
-    runs in its own env; a variant that cannot run on this machine is skipped with the reason.
+    Usage: nox -s patch -- [MODEL ...] [--config PATH ...] [--results DIR] [--timeout S]
+                          [--mode-timeout S] [--require fa2|fa3]
+    No MODEL means every case of the registry (toy_config/registry.toml); --config runs any
+    config.json as an extra case. Each variant (eager, fa2, fa3) runs in its own env; a variant that
+    cannot run on this machine is skipped with the reason. Ends with the merge's verdict.
     """
     suites.run_patch(session, backend)
 
