@@ -20,6 +20,7 @@ from sessions.variants import ROOT, VARIANTS, Variant
 
 SRC = ROOT / "src"  # on sys.path already (sessions/__init__.py)
 
+from parity import settings  # noqa: E402
 from parity.results import registry  # noqa: E402
 from parity.results.merge import SUMMARY_JSON, remove_summary  # noqa: E402
 from parity.results.records import RunManifest, results_path, run_manifest_path, write_json_atomic  # noqa: E402
@@ -104,8 +105,7 @@ def _skip(session: nox.Session, manifest: RunManifest, results: Path, reason: st
 
 def _env(results: Path, variant: str) -> dict[str, str]:
     return {
-        "PARITY_VARIANT": variant,
-        "PARITY_RESULTS": str(results),
+        **settings.child_env(PARITY_VARIANT=variant, PARITY_RESULTS=results),
         # extended, not replaced: packages a user put on PYTHONPATH stay visible to the suites
         "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), str(ROOT), os.environ.get("PYTHONPATH")) if p),
         "HF_HUB_OFFLINE": "1",
@@ -172,11 +172,11 @@ def run_suite(
         check = [envs.python(session), "-m", "parity.results.registry", *map(str, args.adhoc.values())]
         if run_command(session, check, env) != 0:
             raise SystemExit(2)  # the env's transformers rejects a --config (message printed above)
-        env["PARITY_EXTRA_CASES"] = str(registry.write_adhoc(args.results, args.adhoc))
-    if args.mode_timeout:
-        env["PARITY_MODE_TIMEOUT_S"] = f"{args.mode_timeout:g}"
-    if args.timeout != DEFAULT_TEST_TIMEOUT_S:
-        env["PARITY_MODEL_TIMEOUT_S"] = f"{args.timeout:g}"
+        env |= settings.child_env(PARITY_EXTRA_CASES=registry.write_adhoc(args.results, args.adhoc))
+    env |= settings.child_env(
+        PARITY_MODE_TIMEOUT_S=f"{args.mode_timeout:g}" if args.mode_timeout else None,
+        PARITY_MODEL_TIMEOUT_S=f"{args.timeout:g}" if args.timeout != DEFAULT_TEST_TIMEOUT_S else None,
+    )
     ok, info = probe_variant(session, variant, env)
     session.log("probe: " + json.dumps(info, sort_keys=True))
     if not ok:

@@ -236,6 +236,20 @@ def get(name: str) -> Any:
     return text
 
 
+def declared(name: str) -> str:
+    """``name``, once checked against the declarations above: every PARITY_* name the code spells
+    (to read it here or to set it for a child process) must be one of them, so a typo fails loudly
+    instead of setting a variable nothing reads."""
+    if name not in SETTINGS:
+        raise SettingError(f"{name} is not a declared parity setting (see parity.settings)")
+    return name
+
+
+def child_env(**values: object) -> dict[str, str]:
+    """PARITY_* variables for a child process, each name checked by :func:`declared`; None is left out."""
+    return {declared(name): str(value) for name, value in values.items() if value is not None}
+
+
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
     """The one place that decides where and in what precision the suites compute.
 

@@ -206,3 +206,10 @@ def test_bad_setting_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("PARITY_PG_TIMEOUT_S", "-3")
     with pytest.raises(settings.SettingError, match="must be positive"):
         settings.get("PARITY_PG_TIMEOUT_S")
+
+
+def test_child_env_refuses_an_undeclared_name() -> None:
+    """A PARITY_* name set for a child process must be declared: a typo would set what nothing reads."""
+    assert settings.child_env(PARITY_RESULTS="/r", PARITY_DEVICE=None) == {"PARITY_RESULTS": "/r"}
+    with pytest.raises(settings.SettingError, match="PARITY_RESULT is not a declared parity setting"):
+        settings.child_env(PARITY_RESULT="/r")

@@ -47,6 +47,9 @@ def child_env(**extra: str) -> dict[str, str]:
     """Environment of a training run: ``src`` (and the repo, for test-side plants) in front of the
     caller's PYTHONPATH, one thread a rank."""
     pythonpath = os.pathsep.join(p for p in (str(SRC), str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    for name in extra:
+        if name.startswith("PARITY_"):
+            parity_settings.declared(name)
     return {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **extra}
 
 

@@ -120,10 +120,12 @@ def run_case_isolated(
     order = record_order(modes)
     env = {
         **os.environ,
-        "PARITY_RESULTS": str(settings.results),
-        "PARITY_VARIANT": settings.variant,
-        "PARITY_DEVICE": str(settings.device),
-        "PARITY_DTYPE": settings.dtype_name,
+        **parity_settings.child_env(
+            PARITY_RESULTS=settings.results,
+            PARITY_VARIANT=settings.variant,
+            PARITY_DEVICE=settings.device,
+            PARITY_DTYPE=settings.dtype_name,
+        ),
     }
     spec_base = {
         "case_id": case_id,

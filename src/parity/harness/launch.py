@@ -72,15 +72,17 @@ try:
 except ImportError:  # pragma: no cover - exercised by forcing the fallback in tests
     psutil = None
 
+from parity import settings  # noqa: E402 - torch-free, like this launcher
+
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_TIMEOUT = 124
 
 # What the launcher tells its ranks (declared with the others in parity.settings).
-ENV_PG_TIMEOUT = "PARITY_PG_TIMEOUT_S"
-ENV_STACK_DIR = "PARITY_STACK_DIR"
-ENV_RANK_TIMEOUT = "PARITY_RANK_TIMEOUT_S"
-ENV_LAUNCH_ID = "PARITY_LAUNCH_ID"
+ENV_PG_TIMEOUT = settings.declared("PARITY_PG_TIMEOUT_S")
+ENV_STACK_DIR = settings.declared("PARITY_STACK_DIR")
+ENV_RANK_TIMEOUT = settings.declared("PARITY_RANK_TIMEOUT_S")
+ENV_LAUNCH_ID = settings.declared("PARITY_LAUNCH_ID")
 
 # The collective layer should fail well before the watchdog, leaving time for the failing rank to
 # print its error and for torchrun to tear the rest down on its own.
