@@ -66,31 +66,40 @@ def vacuity(metrics: dict[str, Any], *, expected_steps: int | None = None) -> st
     return None
 
 
+def series_deviation(name: str, values: list[float], refs: list[float], tol: Tolerance) -> Deviation:
+    """The comparison rule on one series (a scalar is a series of one): max abs/rel deviation, whether
+    every value is within ``|x - ref| <= atol + rtol * |ref|``, and the worst step."""
+    if len(values) != len(refs):
+        return Deviation(
+            math.inf, math.inf, False, f"{name}: {len(values)} values vs {len(refs)} in reference", math.inf
+        )
+    max_abs = max_rel = 0.0
+    ok, worst, worst_ratio = True, "", -1.0
+    for step, (value, ref) in enumerate(zip(values, refs, strict=True)):
+        diff = abs(value - ref)
+        rel = diff / abs(ref) if ref != 0 else (0.0 if diff == 0 else math.inf)
+        max_abs, max_rel = max(max_abs, diff), max(max_rel, rel)
+        ratio = diff / (tol.atol + tol.rtol * abs(ref))
+        if ratio > worst_ratio:
+            worst_ratio, worst = ratio, name if len(values) == 1 else f"{name}[step {step}]"
+        ok = ok and tol.allows(value, ref)
+    return Deviation(max_abs, max_rel, ok, worst, worst_ratio)
+
+
 def deviation(metrics: dict[str, Any], reference: dict[str, Any], tol: Tolerance) -> Deviation:
     """Max abs/rel deviation over every metric (and step), and whether all are within tolerance."""
-    max_abs = max_rel = 0.0
-    ok = True
-    worst, worst_ratio = "", -1.0
-    for name in METRICS:
-        values, refs = as_series(metrics[name]), as_series(reference[name])
-        if len(values) != len(refs):
-            return Deviation(
-                math.inf,
-                math.inf,
-                False,
-                f"{name}: {len(values)} values vs {len(refs)} in reference",
-                math.inf,
-            )
-        for step, (value, ref) in enumerate(zip(values, refs, strict=True)):
-            diff = abs(value - ref)
-            rel = diff / abs(ref) if ref != 0 else (0.0 if diff == 0 else math.inf)
-            max_abs, max_rel = max(max_abs, diff), max(max_rel, rel)
-            ratio = diff / (tol.atol + tol.rtol * abs(ref))
-            if ratio > worst_ratio:
-                worst_ratio = ratio
-                worst = name if len(values) == 1 else f"{name}[step {step}]"
-            ok = ok and tol.allows(value, ref)
-    return Deviation(max_abs, max_rel, ok, worst, worst_ratio)
+    parts = [series_deviation(n, as_series(metrics[n]), as_series(reference[n]), tol) for n in METRICS]
+    bad = next((d for d in parts if math.isinf(d.ratio) and d.max_abs == math.inf), None)
+    if bad is not None:
+        return bad
+    worst = max(parts, key=lambda d: d.ratio)
+    return Deviation(
+        max(d.max_abs for d in parts),
+        max(d.max_rel for d in parts),
+        all(d.ok for d in parts),
+        worst.worst,
+        worst.ratio,
+    )
 
 
 # --------------------------------------------------------------------------------------------

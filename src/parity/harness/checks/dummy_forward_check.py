@@ -68,7 +68,8 @@ from parity.harness.batches import (
     packed_batch,
 )
 from parity.harness.launch import stack_file
-from parity.results.records import make_record
+from parity.results.compare import series_deviation
+from parity.results.records import Tolerance, make_record
 
 TAG = "dummy_forward_check"
 SEED = 0  # model weights
@@ -416,18 +417,6 @@ class EncoderCounter:
         return out
 
 
-def _max_dev(values: list[float], refs: list[float]) -> tuple[float, float]:
-    abs_dev = max((abs(v - r) for v, r in zip(values, refs, strict=True)), default=0.0)
-    rel_dev = max(
-        (abs(v - r) / abs(r) if r else math.inf for v, r in zip(values, refs, strict=True)), default=0.0
-    )
-    return abs_dev, rel_dev
-
-
-def _within(values: list[float], refs: list[float], tol: dict[str, float]) -> bool:
-    return len(values) == len(refs) and all(
-        abs(v - r) <= tol["atol"] + tol["rtol"] * abs(r) for v, r in zip(values, refs, strict=True)
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -684,14 +673,16 @@ def _compare(summary: dict[str, Any]) -> None:
     devs: dict[str, list[float]] = {}
     for r in ranks:
         name = f"loss[rank {r['rank']}]"
-        devs[name] = list(_max_dev(r["losses"], ref["losses_by_rank"][r["rank"]]))
-        if not _within(r["losses"], ref["losses_by_rank"][r["rank"]], tol):
+        dev = series_deviation(name, r["losses"], ref["losses_by_rank"][r["rank"]], Tolerance(**tol))
+        devs[name] = [dev.max_abs, dev.max_rel]
+        if not dev.ok:
             summary["problems"].append(
                 f"{name} {r['losses']} != reference {ref['losses_by_rank'][r['rank']]}"
             )
     for key in ("grad_norm", "vision_grad_norm"):
-        devs[key] = list(_max_dev(ranks[0][key], ref[key]))
-        if not _within(ranks[0][key], ref[key], tol):
+        dev = series_deviation(key, ranks[0][key], ref[key], Tolerance(**tol))
+        devs[key] = [dev.max_abs, dev.max_rel]
+        if not dev.ok:
             summary["problems"].append(f"{key} {ranks[0][key]} != reference {ref[key]}")
     summary["max_deviation"] = devs  # name -> [max abs, max rel]
 
