@@ -15,6 +15,8 @@
 #             in one interpreter that has every package
 #   e2e       nox --no-venv -s e2e -- $E2E_MODELS (text, MoE, VLM): on one GPU the sp1 layouts of
 #             every variant, compared across variants
+# Knobs: TOTAL_S (phase budget), BUILD_MAX_S (build phase limit, 400), FA2_TIMEOUT (its compiler limit,
+# 300 s), BUILT_ISOLATE=0 (the suites on the built wheels in one process per variant, to fit one call).
 # Outputs ($OUT, at most 8 files): summary.txt, <phase>.txt (key lines and merge tables), envs.txt
 # (per-env packages from the records' fingerprints), logs.tar.gz (full logs, results JSON, build logs).
 set -uo pipefail
@@ -126,13 +128,14 @@ fi
 
 if has build; then
     mkdir -p "$BUILT" && cp .wheels/einops-*.whl .wheels/ninja-*.whl .wheels/wheel-*.whl "$BUILT/" 2>/dev/null
-    run_phase build 400 bash -c "
+    run_phase build ${BUILD_MAX_S:-400} bash -c "
         export PARITY_SYSTEM_SITE=1 PARITY_WHEELHOUSE='$BUILT'
         python3 -m nox -s build_flash -- fa3 --source '$FA3_SRC' --timeout 150
         python3 -m nox -s build_flash -- fa3 --source '$FA3_SRC'
-        python3 -m nox -s build_flash -- fa2 --source '$FA2_SRC' --timeout 200
+        python3 -m nox -s build_flash -- fa2 --source '$FA2_SRC' --timeout ${FA2_TIMEOUT:-300}
         ls -la '$BUILT'
-        python3 -m nox -s 'patch(fa2)' 'patch(fa3)' -- --results '$W/results/built' --require fa2 --require fa3"
+        PARITY_ISOLATE=${BUILT_ISOLATE:-1} python3 -m nox -s 'patch(fa2)' 'patch(fa3)' -- \
+            --results '$W/results/built' --require fa2 --require fa3"
     grep -ahE '"build_s"|"wheel"|"jobs"|"head_dims"' "$BUILT"/*.whl.json 2>/dev/null | tr -s ' ' | tee -a "$W/build.txt" | sed 's/^/[build]   /' >> "$SUM"
 fi
 
