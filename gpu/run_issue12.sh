@@ -15,8 +15,8 @@
 #             in one interpreter that has every package
 #   e2e       nox --no-venv -s e2e -- $E2E_MODELS (text, MoE, VLM): on one GPU the sp1 layouts of
 #             every variant, compared across variants
-# Knobs: TOTAL_S (phase budget), BUILD_MAX_S (build phase limit, 400), FA2_TIMEOUT (its compiler limit,
-# 300 s), BUILT_ISOLATE=0 (the suites on the built wheels in one process per variant, to fit one call).
+# Knobs: TOTAL_S (phase budget), BUILD_MAX_S (build phase limit, 400), FA3_TIMEOUT, FA2_TIMEOUT (compiler limits,
+# 300 s), BUILD_TARGETS ("fa3 fa2"), BUILT_ISOLATE=0 (the suites on the built wheels in one process per variant, to fit one call).
 # Outputs ($OUT, at most 8 files): summary.txt, <phase>.txt (key lines and merge tables), envs.txt
 # (per-env packages from the records' fingerprints), logs.tar.gz (full logs, results JSON, build logs).
 set -uo pipefail
@@ -67,7 +67,7 @@ for pth in sorted(glob.glob(".nox/*/lib/python*/site-packages/_parity_system_sit
 PY
     for f in "$W"/*.txt; do [[ -e $f ]] && cp "$f" "$OUT/"; done
     tar -czf "$OUT/logs.tar.gz" -C "$W" logs results \
-        $(cd "$W" && ls -d wheelhouse-built/*.json wheelhouse-built/logs 2>/dev/null) 2>/dev/null
+        $(cd "$W" && ls -d wheelhouse-built/*.json wheelhouse-built/flash*.whl wheelhouse-built/logs 2>/dev/null) 2>/dev/null
     say "total wall ${SECONDS}s"
 }
 trap finish EXIT
@@ -128,14 +128,22 @@ fi
 
 if has build; then
     mkdir -p "$BUILT" && cp .wheels/einops-*.whl .wheels/ninja-*.whl .wheels/wheel-*.whl "$BUILT/" 2>/dev/null
+    BUILD_TARGETS=${BUILD_TARGETS:-"fa3 fa2"}   # which wheels to build (the first is also rebuilt: cached)
+    first=${BUILD_TARGETS%% *}
+    steps=""
+    for t in $BUILD_TARGETS; do
+        src=$FA3_SRC; lim=${FA3_TIMEOUT:-300}
+        [[ $t == fa2 ]] && { src=$FA2_SRC; lim=${FA2_TIMEOUT:-300}; }
+        steps+="python3 -m nox -s build_flash -- $t --source '$src' --timeout $lim; "
+        [[ $t == "$first" ]] && steps+="python3 -m nox -s build_flash -- $t --source '$src'; "
+    done
+    sessions=$(for t in $BUILD_TARGETS; do printf "'patch(%s)' " "$t"; done)
+    requires=$(for t in $BUILD_TARGETS; do printf -- "--require %s " "$t"; done)
     run_phase build ${BUILD_MAX_S:-400} bash -c "
         export PARITY_SYSTEM_SITE=1 PARITY_WHEELHOUSE='$BUILT'
-        python3 -m nox -s build_flash -- fa3 --source '$FA3_SRC' --timeout 150
-        python3 -m nox -s build_flash -- fa3 --source '$FA3_SRC'
-        python3 -m nox -s build_flash -- fa2 --source '$FA2_SRC' --timeout ${FA2_TIMEOUT:-300}
+        $steps
         ls -la '$BUILT'
-        PARITY_ISOLATE=${BUILT_ISOLATE:-1} python3 -m nox -s 'patch(fa2)' 'patch(fa3)' -- \
-            --results '$W/results/built' --require fa2 --require fa3"
+        PARITY_ISOLATE=${BUILT_ISOLATE:-1} python3 -m nox -s $sessions -- --results '$W/results/built' $requires"
     grep -ahE '"build_s"|"wheel"|"jobs"|"head_dims"' "$BUILT"/*.whl.json 2>/dev/null | tr -s ' ' | tee -a "$W/build.txt" | sed 's/^/[build]   /' >> "$SUM"
 fi
 
