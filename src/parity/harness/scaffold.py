@@ -671,12 +671,8 @@ def check(scaffold: Scaffold, folder: Path) -> dict[str, Any]:
     broken = toy_rules.violations(config)
     if broken:
         raise ScaffoldError(EXIT_CHECK_FAILED, "the toy breaks the toy rules:\n  - " + "\n  - ".join(broken))
-    try:  # sdpa for speed
-        model = toy.build_model(config, attn_implementation="sdpa")
-    except ValueError as exc:  # transformers refuses sdpa for some models (gpt-oss: sinks; gemma2: softcap)
-        if "does not support" not in str(exc):
-            raise
-        model = toy.build_model(config, attn_implementation="eager")
+    # sdpa for speed, eager where transformers refuses sdpa (gpt-oss: sinks; gemma2: softcap)
+    model = toy.build_model(config, attn_implementation="sdpa" if toy.hf_supports_sdpa(config) else "eager")
     built = time.perf_counter()
     n_params = sum(p.numel() for p in model.parameters())
     if type(model).__name__ != scaffold.architecture:

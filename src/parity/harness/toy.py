@@ -26,6 +26,7 @@ __all__ = [
     "build_model",
     "config_hash",
     "config_path",
+    "hf_supports_sdpa",
     "is_moe",
     "known_models",
     "load_config",
@@ -102,6 +103,13 @@ def _auto_class(config: PretrainedConfig) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     return AutoModelForCausalLM if model_family(config) == "text" else AutoModelForImageTextToText
+
+
+def hf_supports_sdpa(config: PretrainedConfig) -> bool:
+    """Whether transformers lets this model run its own ``sdpa`` (gpt-oss and gemma2 say no: their
+    sinks / soft-capping are beyond it). Read from the model class, nothing is built."""
+    model_class = _auto_class(config)._model_mapping[type(config)]
+    return bool(getattr(model_class, "_supports_sdpa", False))
 
 
 def _is_custom_flash(name: str) -> bool:
