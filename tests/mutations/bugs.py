@@ -169,6 +169,35 @@ def attention_backward_scaled(monkeypatch: Any) -> None:
     _wrap(monkeypatch, attention, "parity_attention_forward", make)
 
 
+def _drop_attention_kwarg(monkeypatch: Any, name: str) -> None:
+    """parity's attention backends never see ``name`` (what a backend that does not read it does)."""
+    from parity.backend import attention
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def parity_attention_forward(*args: Any, **kwargs: Any) -> Any:
+            kwargs.pop(name, None)
+            return original(*args, **kwargs)
+
+        return parity_attention_forward
+
+    _wrap(monkeypatch, attention, "parity_attention_forward", make)
+
+
+def sinks_dropped(monkeypatch: Any) -> None:
+    """Attention sinks (gpt-oss ``s_aux``) ignored: plain softmax, no extra column per head."""
+    _drop_attention_kwarg(monkeypatch, "s_aux")
+
+
+def softcap_ignored(monkeypatch: Any) -> None:
+    """Logit soft-capping (gemma2 ``softcap``) ignored: raw logits go into the softmax."""
+    _drop_attention_kwarg(monkeypatch, "softcap")
+
+
+def sliding_window_ignored(monkeypatch: Any) -> None:
+    """The sliding window dropped: sliding layers attend to the whole (causal, per-sample) past."""
+    _drop_attention_kwarg(monkeypatch, "sliding_window")
+
+
 # --------------------------------------------------------------------------------------------
 # fused MoE: routing, permutation, gate/up, combine, backward
 
@@ -339,6 +368,30 @@ PATCH_BUGS = [
         "llama",
         "patch",
         attention_backward_scaled,
+    ),
+    Bug(
+        "sinks_dropped",
+        "attention kernels (sinks)",
+        "s_aux ignored by the parity backend",
+        "gpt_oss",
+        "patch",
+        sinks_dropped,
+    ),
+    Bug(
+        "softcap_ignored",
+        "attention kernels (softcap)",
+        "tanh logit soft-capping skipped",
+        "gemma2",
+        "patch",
+        softcap_ignored,
+    ),
+    Bug(
+        "sliding_window_ignored",
+        "attention masks (sliding window)",
+        "full attention on sliding layers",
+        "gemma3",
+        "patch",
+        sliding_window_ignored,
     ),
     Bug(
         "moe_routing_swapped",

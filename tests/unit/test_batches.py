@@ -162,7 +162,9 @@ def _cases() -> list:
             if model_id in LEAKY
             else []
         )
-        cases.append(pytest.param(model_id, "sdpa", marks=marks, id=f"{model_id}-sdpa"))
+        # gpt_oss, gemma2: transformers refuses sdpa for them; eager is what the patch suite holds them to
+        attn = "sdpa" if toy.hf_supports_sdpa(toy.load_config(model_id)) else "eager"
+        cases.append(pytest.param(model_id, attn, marks=marks, id=f"{model_id}-{attn}"))
     for model_id in ("qwen3", "qwen3_moe", "qwen2_vl", "qwen3_vl", "qwen3_omni_moe"):
         cases.append(pytest.param(model_id, "eager", id=f"{model_id}-eager"))
     return cases
@@ -234,3 +236,16 @@ def test_tiny_vocabulary_ids_stay_inside_it_and_avoid_special_ids():
     assert int(ids.max()) < 128 and not set(ids.flatten().tolist()) & {5, 6, 7}
     config.vocab_size = 100_000  # negative control: a large vocabulary draws past 128
     assert int(packed_batch(config, seq_lens=(40, 30)).inputs["input_ids"].max()) >= 128
+
+
+def test_gpt_oss_masks_need_the_positions_hook(monkeypatch) -> None:
+    """gpt_oss builds its masks without position_ids: without parity's hook HF eager leaks across samples.
+
+    The control for ``toy.pass_positions_to_masks``: the same isolation check fails once the hook is
+    withheld, and passes with it (test_packing_isolation[gpt_oss-eager]).
+    """
+    config = toy.load_config("gpt_oss")
+    assert "gpt_oss" in toy.MASKS_WITHOUT_POSITIONS
+    monkeypatch.setattr(toy, "pass_positions_to_masks", lambda model: False)
+    packed, separate, _ = _isolation(toy.build_model(config, attn_implementation="eager"), config)
+    assert abs(packed - separate) > 100 * ISOLATION_ATOL, (packed, separate)

@@ -278,7 +278,12 @@ def test_head_dims_come_from_every_attention_stack_of_the_registry_configs():
     assert needs.head_dims == {64: registry.ids()}, (
         "text, MLA, vision and audio stacks of the toys are 64 wide"
     )
-    assert needs.features == {} and needs.dtypes == ["bfloat16"]
+    # sliding layers (gemma2, gemma3, gpt_oss) and gemma2's soft-capping are compiled in
+    assert {k: set(v) for k, v in needs.features.items()} == {
+        "local": {"gemma2", "gemma3", "gpt_oss"},
+        "softcap": {"gemma2"},
+    }
+    assert needs.dtypes == ["bfloat16"]
     mla = {"num_attention_heads": 8, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
     vlm = {
         "text_config": {"hidden_size": 4096, "num_attention_heads": 32},

@@ -203,7 +203,7 @@ def test_family_and_moe_classification() -> None:
 @pytest.mark.parametrize("model_id", EXPECTED_IDS)
 def test_every_toy_builds_within_budget(model_id: str) -> None:
     config = toy.load_config(model_id)
-    model = toy.build_model(config, attn_implementation="sdpa")
+    model = toy.build_model(config, attn_implementation="sdpa" if toy.hf_supports_sdpa(config) else "eager")
     n_params = sum(p.numel() for p in model.parameters())
     assert MIN_PARAMS <= n_params <= MAX_PARAMS, n_params
     assert type(model).__name__ == json.loads(toy.config_path(model_id).read_text())["architectures"][0]

@@ -50,6 +50,7 @@ from parity.backend.ulysses import (
     all_gather_sequence,
     gather_heads_scatter_seq,
     gather_seq_scatter_heads,
+    heads_of_sp_rank,
     packed_sequence_starts,
     repeat_kv_heads_for_sp,
 )
@@ -239,6 +240,57 @@ def _sdpa_kernel(
     return out.transpose(1, 2).contiguous()
 
 
+def _math_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packing: Packing,
+    *,
+    causal: bool,
+    scale: float,
+    dropout: float,
+    window: int | None,
+    dense_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention written out, for what ``F.scaled_dot_product_attention`` cannot express.
+
+    Soft-capping transforms the logits before the mask and sinks add a softmax column, neither of
+    which sdpa takes; so, in the order of HF's eager functions (gemma2, gpt-oss): q @ k^T * scale,
+    ``tanh(logits / softcap) * softcap``, the mask (block-diagonal per packed sequence, causal,
+    window; or the caller's 4-D mask), one extra logit per head (``sinks`` [H], the heads this rank
+    holds) concatenated as a last column, softmax, the sink column dropped, @ v. Logits and softmax
+    are fp32 whatever the input dtype (HF's gpt-oss eager takes its softmax in the input dtype: in
+    bf16 that is rounding the fp32 truth does not have).
+    """
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    logits = torch.matmul(q, k.transpose(-2, -1)).float() * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if dense_mask is not None:
+        if dense_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~dense_mask, float("-inf"))
+        else:
+            logits = logits + dense_mask.float()
+    elif not (packing.one_per_row and window is None and not causal):
+        logits = logits.masked_fill(~block_mask(packing, causal, window), float("-inf"))
+    if sinks is not None:
+        if sinks.numel() != q.shape[1]:
+            raise ValueError(f"{sinks.numel()} attention sinks for {q.shape[1]} query heads")
+        column = sinks.float().view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1)
+        probs = torch.softmax(torch.cat([logits, column], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    if dropout:
+        probs = F.dropout(probs, p=dropout, training=True)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return out.transpose(1, 2).contiguous()
+
+
 VarlenFn = Callable[..., torch.Tensor]
 
 
@@ -255,10 +307,11 @@ def _torch_window(window: int | None, causal: bool) -> tuple[int, int]:
     return (left, 0) if causal else (left, right)
 
 
-def _varlen_flash_attn(q, k, v, cu, max_len, *, causal, scale, dropout, window) -> torch.Tensor:
+def _varlen_flash_attn(q, k, v, cu, max_len, *, causal, scale, dropout, window, softcap=None) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
     ws = _flash_window(window, causal)
+    extra = {} if softcap is None else {"softcap": float(softcap)}  # flash_attn: 0.0 means off
     return flash_attn_varlen_func(
         q,
         k,
@@ -271,14 +324,16 @@ def _varlen_flash_attn(q, k, v, cu, max_len, *, causal, scale, dropout, window) 
         softmax_scale=scale,
         causal=causal,
         window_size=ws,
+        **extra,
     )
 
 
-def _varlen_fa3(q, k, v, cu, max_len, *, causal, scale, dropout, window) -> torch.Tensor:
+def _varlen_fa3(q, k, v, cu, max_len, *, causal, scale, dropout, window, softcap=None) -> torch.Tensor:
     import flash_attn_interface
 
     if dropout:
         raise NotImplementedError("flash_attn_interface (FA3) has no dropout; set attention_dropout=0")
+    extra = {} if softcap is None else {"softcap": float(softcap)}
     out = flash_attn_interface.flash_attn_varlen_func(
         q,
         k,
@@ -290,11 +345,12 @@ def _varlen_fa3(q, k, v, cu, max_len, *, causal, scale, dropout, window) -> torc
         softmax_scale=scale,
         causal=causal,
         window_size=_flash_window(window, causal),
+        **extra,
     )
     return out[0] if isinstance(out, tuple) else out
 
 
-def _varlen_torch(q, k, v, cu, max_len, *, causal, scale, dropout, window) -> torch.Tensor:
+def _varlen_torch(q, k, v, cu, max_len, *, causal, scale, dropout, window, softcap=None) -> torch.Tensor:
     """torch.nn.attention.varlen.varlen_attn, adapting to the signature of the installed torch.
 
     torch 2.11 has ``window_size`` (causal = (-1, 0)) and ``scale`` but no ``enable_gqa``; 2.13
@@ -304,6 +360,8 @@ def _varlen_torch(q, k, v, cu, max_len, *, causal, scale, dropout, window) -> to
 
     if dropout:
         raise NotImplementedError("torch varlen_attn has no dropout; set attention_dropout=0")
+    if softcap is not None:
+        raise NotImplementedError(_missing_feature_message(TORCH_VARLEN, "softcap"))
     params = _signature_params(varlen_attn)
     kwargs: dict[str, Any] = {}
     rep = q.shape[1] // k.shape[1]
@@ -343,11 +401,18 @@ def _run_varlen(
     scale: float,
     dropout: float,
     window: int | None,
+    softcap: float | None = None,
+    provider: str = "the varlen kernel",
 ) -> torch.Tensor:
     """[B, H, S, D] -> flattened [T, H, D] (padding removed) -> varlen kernel -> [B, S, H, D_v].
 
     FA kernels need one head dim for q, k and v: with D_v < D_qk (DeepSeek MLA) v is zero-padded
-    and the output sliced back, which is exact.
+    and the output sliced back, which is exact. ``softcap`` reaches the kernel only when set (a
+    kernel without the argument never sees it). A kernel build compiled without a feature (the
+    prebuilt FA2 wheels without softcap, FA3 without softcap and local attention) raises a
+    RuntimeError saying "does not support" at call time; that is the kernel refusing the model, not
+    a wrong answer, so it becomes a NotImplementedError carrying the kernel's message and the
+    provider (the patch suite then records the mode ``unsupported``).
     """
     b, hq, s, d = q.shape
     dv = v.shape[-1]
@@ -361,17 +426,24 @@ def _run_varlen(
         if dv > d:
             raise NotImplementedError(f"value head dim {dv} > query/key head dim {d}")
         vf = F.pad(vf, (0, d - dv))
-    out = fn(
-        qf,
-        kf,
-        vf,
-        packing.cu_seqlens,
-        packing.max_len,
-        causal=causal,
-        scale=scale,
-        dropout=dropout,
-        window=window,
-    )
+    extra = {} if softcap is None else {"softcap": softcap}
+    try:
+        out = fn(
+            qf,
+            kf,
+            vf,
+            packing.cu_seqlens,
+            packing.max_len,
+            causal=causal,
+            scale=scale,
+            dropout=dropout,
+            window=window,
+            **extra,
+        )
+    except RuntimeError as exc:
+        if "does not support" in str(exc):
+            raise NotImplementedError(f"{provider}: {exc}") from exc
+        raise
     out = out[..., :dv]
     if packing.keep is not None:
         out = out.new_zeros(b * s, hq, dv).index_copy(0, packing.keep, out)
@@ -459,6 +531,46 @@ _VARLEN_FNS: dict[str, VarlenFn] = {
     TORCH_VARLEN: _varlen_torch,
 }
 
+#: The optional attention inputs each varlen library takes. None takes attention sinks: flash_attn
+#: 2.8.3 and flash_attn_interface (FA3 hopper) have no sink argument, torch.varlen_attn has neither
+#: sinks nor softcap. parity_sdpa_with_sp takes both (its explicit math path).
+LIBRARY_FEATURES: dict[str, frozenset[str]] = {
+    FLASH_ATTN: frozenset({"softcap"}),
+    FLASH_ATTN_INTERFACE: frozenset({"softcap"}),
+    TORCH_VARLEN: frozenset(),
+}
+_FEATURE_NAMES = {"softcap": "logit soft-capping input (softcap)", "s_aux": "attention-sink input (s_aux)"}
+
+
+def _missing_feature_message(library: str, feature: str, provider: str | None = None) -> str:
+    """'<provider> has no <feature>; <which parity kernels run it>' (the unsupported mode's reason)."""
+    able = [PARITY_SDPA] + [
+        f"{backend} on {lib}"
+        for backend, libs in KERNEL_LIBRARIES.items()
+        for lib in libs
+        if feature in LIBRARY_FEATURES.get(lib, frozenset())
+    ]
+    return f"{provider or library} has no {_FEATURE_NAMES[feature]}; {', '.join(able)} run it"
+
+
+def refuse_missing_features(
+    backend: str, provider: str, *, softcap: float | None, s_aux: torch.Tensor | None
+) -> None:
+    """Raise NotImplementedError when the library chosen for ``backend`` cannot take these inputs.
+
+    Before any exchange or kernel call: silently dropping a sink or a soft-cap would be a wrong
+    answer that passes for a right one, so the mode must be refused with the reason instead.
+    """
+    library = kernel_choice()[backend]
+    if library == TORCH_SDPA or provider.startswith(TORCH_SDPA):  # sdpa and its fallback: the math path
+        return
+    wanted = [name for name, value in (("softcap", softcap), ("s_aux", s_aux)) if value is not None]
+    missing = [name for name in wanted if name not in LIBRARY_FEATURES.get(library, frozenset())]
+    if missing:
+        raise NotImplementedError(
+            f"{backend}: " + "; ".join(_missing_feature_message(library, name, provider) for name in missing)
+        )
+
 
 def _device_problems(q: torch.Tensor) -> list[str]:
     """Why no FlashAttention kernel (of any library) can take these inputs: CUDA and half precision."""
@@ -543,9 +655,14 @@ def parity_attention_forward(
     max_length_k: int | torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The body shared by the three registered names (transformers' attention-function contract)."""
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"{backend} supports neither softcap nor attention sinks (s_aux)")
+    """The body shared by the three registered names (transformers' attention-function contract).
+
+    ``softcap`` (gemma2-style logit soft-capping) and ``s_aux`` (gpt-oss attention sinks, one logit per
+    query head) are honoured exactly as HF's eager functions do; the sdpa name runs them on its math
+    path, a flash library that lacks one refuses the call (:func:`refuse_missing_features`).
+    """
+    softcap = kwargs.get("softcap")
+    s_aux = kwargs.get("s_aux")
     if query.shape[2] != key.shape[2]:
         raise NotImplementedError(
             f"{backend} is a training backend: query and key lengths differ "
@@ -557,6 +674,7 @@ def parity_attention_forward(
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     provider, varlen_fn = _resolve_kernel(backend, query)
+    refuse_missing_features(backend, provider, softcap=softcap, s_aux=s_aux)
 
     group = None if getattr(module, SP_DISABLED_ATTR, False) else get_sp_group()
     sp = 1 if group is None else torch.distributed.get_world_size(group)
@@ -578,6 +696,8 @@ def parity_attention_forward(
         query, key, value = (
             gather_seq_scatter_heads(t, seq_dim=2, head_dim=1, group=group) for t in (query, key, value)
         )
+        if s_aux is not None:  # this rank now holds a contiguous block of the heads: take their sinks
+            s_aux = heads_of_sp_rank(s_aux, torch.distributed.get_rank(group), sp, head_dim=0)
     batch, full_len = query.shape[0], query.shape[2]
     if cu_seq_lens_q is None:
         position_ids = _gather_if_local(position_ids, local_len, full_len, group)
@@ -592,7 +712,21 @@ def parity_attention_forward(
         cu_seq_lens=cu_seq_lens_q,
         max_length=max_length_q,
     )
-    if varlen_fn is None:
+    if varlen_fn is None and (softcap is not None or s_aux is not None):
+        out = _math_kernel(
+            query,
+            key,
+            value,
+            packing,
+            causal=causal,
+            scale=scale,
+            dropout=dropout,
+            window=sliding_window,
+            dense_mask=dense_mask,
+            softcap=softcap,
+            sinks=s_aux,
+        )
+    elif varlen_fn is None:
         out = _sdpa_kernel(
             query,
             key,
@@ -615,6 +749,8 @@ def parity_attention_forward(
             scale=scale,
             dropout=dropout,
             window=sliding_window,
+            softcap=softcap,
+            provider=provider,
         )
     if sp > 1:
         out = gather_heads_scatter_seq(out, head_dim=2, seq_dim=1, group=group)

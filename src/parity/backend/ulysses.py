@@ -87,6 +87,23 @@ def repeat_kv_heads_for_sp(kv: torch.Tensor, sp: int, *, head_dim: int = 1) -> t
     return kv.repeat_interleave(sp // h_kv, dim=head_dim)
 
 
+def heads_of_sp_rank(t: torch.Tensor, rank: int, sp: int, *, head_dim: int = 0) -> torch.Tensor:
+    """The entries of a per-head tensor (attention sinks [H], ...) that belong to sp rank ``rank``.
+
+    :func:`gather_seq_scatter_heads` cuts the head dimension into ``sp`` contiguous blocks in rank
+    order (chunk j goes to rank j), so rank j computes query heads ``j*H/sp .. (j+1)*H/sp - 1`` and
+    needs exactly those entries. A view, so gradients flow back into the full tensor; each rank
+    contributes the gradient of its own heads over the full sequence, and the sum over sp ranks
+    (what the data-parallel reduction does) is the full gradient.
+    """
+    heads = t.shape[head_dim]
+    if heads % sp:
+        raise ValueError(f"{heads} per-head entries cannot be split over sp={sp}")
+    if not 0 <= rank < sp:
+        raise ValueError(f"sp rank {rank} is outside [0, {sp})")
+    return t.narrow(head_dim, rank * (heads // sp), heads // sp)
+
+
 # --------------------------------------------------------------------------------------------
 # sequence bookkeeping (caller side)
 

@@ -305,6 +305,7 @@ def run_mode(
             "padded_rows": list(lens) if padded is not None else None,
             "attention_sharpness": round(attention_sharpness(model.config), 3),
             "sharpened_modules": sharpened,
+            **({"masks_see_positions": True} if getattr(model, toy.MASK_POSITIONS_ATTR, False) else {}),
         },
     }
     del model, out, loss, total, batch, padded

@@ -26,6 +26,7 @@ __all__ = [
     "build_model",
     "config_hash",
     "config_path",
+    "hf_supports_sdpa",
     "is_moe",
     "known_models",
     "load_config",
@@ -104,8 +105,20 @@ def _auto_class(config: PretrainedConfig) -> Any:
     return AutoModelForCausalLM if model_family(config) == "text" else AutoModelForImageTextToText
 
 
+def hf_supports_sdpa(config: PretrainedConfig) -> bool:
+    """Whether transformers lets this model run its own ``sdpa`` (gpt-oss and gemma2 say no: their
+    sinks / soft-capping are beyond it). Read from the model class, nothing is built."""
+    model_class = _auto_class(config)._model_mapping[type(config)]
+    return bool(getattr(model_class, "_supports_sdpa", False))
+
+
 def _is_custom_flash(name: str) -> bool:
     return "flash" in name and name not in _HF_FLASH_NAMES and "|" not in name and "/" not in name
+
+
+def _is_project_sdpa(name: Any, registry: Any) -> bool:
+    """A registered attention function with "sdpa" in its name that is not transformers' own sdpa."""
+    return isinstance(name, str) and "sdpa" in name and name != "sdpa" and name in registry.valid_keys()
 
 
 def _apply_attn_implementation(model: Any, requested: str | dict[str, str]) -> None:
@@ -128,7 +141,17 @@ def _apply_attn_implementation(model: Any, requested: str | dict[str, str]) -> N
                 "register it before build_model, otherwise transformers silently runs eager attention"
             )
     if native:
-        model.set_attn_implementation(native[""] if set(native) == {""} else native)
+        try:
+            model.set_attn_implementation(native[""] if set(native) == {""} else native)
+        except ValueError as exc:
+            # transformers refuses any name containing "sdpa" for a model whose own sdpa path cannot
+            # express it (gpt-oss: sinks; gemma2: softcap). A project backend that merely has "sdpa"
+            # in its name (parity_sdpa_with_sp runs sinks and softcap itself) is written straight
+            # into the config; HF's own "sdpa" stays refused with transformers' message.
+            project = {k: v for k, v in native.items() if _is_project_sdpa(v, ALL_ATTENTION_FUNCTIONS)}
+            if not project or "scaled_dot_product_attention" not in str(exc) or len(project) != len(native):
+                raise
+            custom.update(project)
     if custom:
         model.config._attn_implementation = custom[""] if set(custom) == {""} else custom
 
@@ -163,6 +186,57 @@ def _cast(model: Any, dtype: torch.dtype, device: str | torch.device) -> None:
         module._buffers[name] = buf.to(device=device)
 
 
+#: Model types whose base model builds its attention masks WITHOUT ``position_ids`` (gpt_oss in
+#: transformers 5.17 and 5.24: its forward's ``mask_kwargs`` lack them, where llama/qwen/gemma pass
+#: them). transformers' mask builders only see packed-sequence borders through ``position_ids``, so
+#: under eager/sdpa/flex such a model lets the samples of a packed row attend to each other: the HF
+#: reference itself would be wrong for packed training. :func:`pass_positions_to_masks` fixes the
+#: inputs, not the model: it builds the very masks the forward would build, with the positions.
+MASKS_WITHOUT_POSITIONS = frozenset({"gpt_oss"})
+MASK_POSITIONS_ATTR = "_parity_masks_see_positions"
+
+
+def pass_positions_to_masks(model: Any) -> bool:
+    """Make the base model's attention masks packing-aware; True when a hook was installed.
+
+    A forward pre-hook on the base model (the module holding ``embed_tokens``) computes the
+    forward's own mask mapping, ``{"full_attention": create_causal_mask(...),
+    "sliding_attention": create_sliding_window_causal_mask(...)}`` with the same functions from the
+    model's own module, adding only ``position_ids``, and passes it as the prepared
+    ``attention_mask`` dict the forward accepts as is. Every attention implementation sees the mask
+    its mask function builds (parity's backends: None or the 2-D padding mask, unchanged), so all
+    modes keep identical inputs.
+    """
+    import sys
+
+    import torch
+
+    base = getattr(model, "model", None)
+    if getattr(model.config, "model_type", None) not in MASKS_WITHOUT_POSITIONS or base is None:
+        return False
+    namespace = sys.modules[type(base).__module__]
+    full, sliding = namespace.create_causal_mask, namespace.create_sliding_window_causal_mask
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
+        positions, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+        embeds, ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids", args[0] if args else None)
+        if positions is None or isinstance(mask, dict) or (embeds is None and ids is None):
+            return args, kwargs
+        if embeds is None:  # the mask builders read only its shape, dtype and device
+            weight = module.embed_tokens.weight
+            embeds = torch.empty(*ids.shape, weight.shape[-1], dtype=weight.dtype, device=ids.device)
+        config = module.config
+        kwargs["attention_mask"] = {
+            "full_attention": full(config, embeds, mask, None, position_ids=positions),
+            "sliding_attention": sliding(config, embeds, mask, None, position_ids=positions),
+        }
+        return args, kwargs
+
+    base.register_forward_pre_hook(hook, with_kwargs=True)
+    setattr(model, MASK_POSITIONS_ATTR, True)
+    return True
+
+
 def build_model(
     config: PretrainedConfig | str | os.PathLike[str],
     *,
@@ -179,7 +253,8 @@ def build_model(
     Steps: seed, build on CPU in fp32 with eager attention (and eager experts for MoE), then
     switch to the requested implementations through HF's setters (so HF still validates and a
     missing flash package raises ImportError instead of falling back), cast, move, train mode,
-    and `use_cache=False` everywhere (a cache silently disables packed-sequence masks).
+    and `use_cache=False` everywhere (a cache silently disables packed-sequence masks). Models
+    whose masks ignore ``position_ids`` get them passed (:func:`pass_positions_to_masks`).
     `experts_implementation=None` keeps transformers' default for MoE models (grouped_mm).
     `dtype=None` means float32 (the default is not spelled `torch.float32` so that this module
     stays importable without torch). The Omni ids build the thinker class itself: it is the
@@ -230,6 +305,7 @@ def build_model(
         from parity.harness import weights
 
         weights.fill(model, state)
+    pass_positions_to_masks(model)
     model.train()
     for cfg in _configs(model.config):
         if hasattr(cfg, "use_cache"):

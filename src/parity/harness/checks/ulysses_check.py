@@ -4,7 +4,8 @@ Every rank builds the same full inputs (same seed), computes the sp=1 reference 
 sequence, then its own sequence slice with the sp group active, and compares the slice of output
 and gradients. Cases cover derived packing (position_ids gathered over sp), explicit full
 cu_seqlens, GQA, kv-head replication (fewer kv heads than sp), D_v != D_qk, non-causal attention,
-and a whole tiny qwen3 model fed with :func:`parity.backend.ulysses.shard_packed_inputs`.
+attention sinks + softcap + a sliding window (each rank must take its own heads' sinks), and a
+whole tiny qwen3 model fed with :func:`parity.backend.ulysses.shard_packed_inputs`.
 
 Run: ``torchrun --nproc-per-node 2 -m parity.harness.checks.ulysses_check [--out DIR]`` (CPU: gloo, fp32,
 ``parity_sdpa_with_sp``); on GPUs add e.g. ``--backend parity_flash_attention_2_with_sp --dtype
@@ -55,7 +56,12 @@ def _attention_case(
     d_v: int,
     causal: bool,
     explicit_cu: bool,
+    sinks: bool = False,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> None:
+    """sp=world vs sp=1 on one attention call; with ``sinks`` each rank must use its own heads' sinks
+    (their gradients, summed over the ranks, must equal the sp=1 gradient)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     put, backend, atol, rtol = SETTINGS.put, SETTINGS.backend, SETTINGS.atol, SETTINGS.rtol
     gen = torch.Generator().manual_seed(1234)
@@ -67,6 +73,16 @@ def _attention_case(
     pos = put(_packed_positions(SEQ_LENS))
     module = _FakeAttention(heads, kv_heads, causal)
     scale = d_qk**-0.5
+    sink_ref = put(torch.randn(heads, generator=gen)).requires_grad_() if sinks else None
+    sink_loc = sink_ref.detach().clone().requires_grad_() if sinks else None
+
+    def extra(s_aux: torch.Tensor | None) -> dict:
+        out: dict = {"sliding_window": window}
+        if s_aux is not None:
+            out["s_aux"] = s_aux
+        if softcap is not None:
+            out["softcap"] = softcap
+        return out
 
     def kwargs_for(position_ids: torch.Tensor) -> dict:
         if not explicit_cu:
@@ -83,7 +99,7 @@ def _attention_case(
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     with parallel_groups():
         ref_out, _ = parity_attention_forward(
-            backend, module, *ref_in, None, scaling=scale, **kwargs_for(pos)
+            backend, module, *ref_in, None, scaling=scale, **kwargs_for(pos), **extra(sink_ref)
         )
     (ref_out * proj).sum().backward()
 
@@ -96,8 +112,13 @@ def _attention_case(
             None,
             scaling=scale,
             **kwargs_for(shard_sequence(pos, rank, world, dim=1)),
+            **extra(sink_loc),
         )
     (out * shard_sequence(proj, rank, world, dim=1)).sum().backward()
+    if sinks:  # rank j's gradient covers its heads over the full sequence: the sum is the full one
+        grad = sink_loc.grad.clone()
+        dist.all_reduce(grad)
+        res.compare("dsinks", grad, sink_ref.grad, atol=atol, rtol=rtol)
 
     res.compare("out", out, shard_sequence(ref_out, rank, world, dim=1), atol=atol, rtol=rtol)
     for name, loc, ref in zip(("dq", "dk", "dv"), loc_in, ref_in, strict=True):
@@ -164,6 +185,10 @@ CASES = {
     "noncausal_cu_seqlens": lambda r: _attention_case(
         r, heads=4, kv_heads=4, d_qk=16, d_v=16, causal=False, explicit_cu=True
     ),
+    "gqa_sinks_softcap_window": lambda r: _attention_case(
+        r, heads=4, kv_heads=2, d_qk=16, d_v=16, causal=True, explicit_cu=False,
+        sinks=True, softcap=3.0, window=6,
+    ),  # fmt: skip
     "qwen3_model": _model_case,
 }
 
