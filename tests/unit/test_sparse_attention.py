@@ -103,3 +103,18 @@ def test_glm_moe_dsa_parity_sdpa_matches_hf_sdpa(monkeypatch) -> None:
     monkeypatch.setattr(attention, "parity_attention_forward", ignores_indices)
     dense = _logits(config, PARITY_SDPA, batches)
     assert (dense[0] - ref[0]).abs().max() > 1e-2
+
+
+def test_glm_moe_dsa_flash_backend_is_unsupported_with_the_reason(monkeypatch) -> None:
+    """On a GPU the flash names reach the model's sparse path: the mode must be UNSUPPORTED, not wrong."""
+    from parity.harness.patch_runner import classify
+
+    def stand_in(*args, **kwargs):  # a varlen kernel that must never be called with a sparse selection
+        raise AssertionError("the varlen kernel ran although the indexer's selection cannot reach it")
+
+    monkeypatch.setattr(attention, "_resolve_kernel", lambda backend, q: ("fake.varlen", stand_in))
+    config = toy.load_config("glm_moe_dsa")
+    model = toy.build_model(config, attn_implementation=PARITY_FA2, experts_implementation="eager")
+    with pytest.raises(NotImplementedError, match="varlen flash kernels cannot take") as info:
+        model(**packed_batch(config, seq_lens=(61, 45, 54), seed=1).inputs, use_cache=False)
+    assert classify(info.value, "forward") == ("unsupported", "model")
