@@ -275,6 +275,20 @@ def moe_router_detached(monkeypatch: Any) -> None:
     _wrap_experts(monkeypatch, make)
 
 
+def sparse_selection_dropped(monkeypatch: Any) -> None:
+    """The indexer's top-k key selection (DeepSeek sparse attention, ``indices``) ignored: dense attention."""
+    from parity.backend import attention
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def parity_attention_forward(*args: Any, **kwargs: Any) -> Any:
+            kwargs.pop("indices", None)
+            return original(*args, **kwargs)
+
+        return parity_attention_forward
+
+    _wrap(monkeypatch, attention, "parity_attention_forward", make)
+
+
 # --------------------------------------------------------------------------------------------
 # multi-process: installed in each rank by PARITY_FAULT=tests.mutations.bugs:<name>
 
@@ -432,6 +446,14 @@ PATCH_BUGS = [
         "qwen3_moe",
         "patch",
         moe_router_detached,
+    ),
+    Bug(
+        "sparse_selection_dropped",
+        "sparse attention (DSA indexer)",
+        "indexer top-k selection ignored: dense attention",
+        "glm_moe_dsa",
+        "patch",
+        sparse_selection_dropped,
     ),
 ]
 

@@ -25,6 +25,9 @@ Why these exact registrations:
   all three. The backend derives packing itself, from the full sequence; a 4-D mask built by
   transformers from a *local* sp slice would be wrong. Registering *some* mask is mandatory: for
   an unregistered name transformers returns ``attention_mask=None`` and silently drops padding.
+  Exception: models whose DeepSeek-sparse-attention indexer reads the mask get sdpa's 4-D mask
+  (:func:`parity_mask`), and the indexer's ``indices`` are applied or refused with the reason
+  (:func:`indexer_selection_mask`), never dropped.
 - Names containing "flash" fail validation at model build in transformers 5.17-5.24. Build with
   another name (e.g. "sdpa") and then set ``model.config._attn_implementation = name``; the
   functions here only depend on being looked up by name at call time.
@@ -636,6 +639,54 @@ def _gather_if_local(
     return all_gather_sequence(t, group, dim=t.dim() - 1)
 
 
+def indexer_selection_mask(
+    backend: str,
+    indices: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    sp: int,
+    varlen_fn: VarlenFn | None,
+) -> torch.Tensor:
+    """The dense mask of DeepSeek sparse attention: the model's 4-D mask AND the indexer's top-k keys.
+
+    Why: DSA models (``deepseek_v32``, ``glm_moe_dsa``) fold the indexer's selection into the mask only
+    for "eager" and "sdpa"; for any other implementation name they pass the unmodified causal mask and
+    the selection as ``indices`` [B, S, k] (key positions per query, meant for flash-mla). A backend
+    that ignores ``indices`` computes dense attention: a wrong answer that looks right. So the
+    selection is applied here exactly as the model's sdpa path does, or the call is refused with why.
+    The 4-D mask itself comes from :func:`parity_mask` (these models' indexers read it).
+    """
+    if varlen_fn is not None:
+        raise NotImplementedError(
+            f"{backend}: the indexer's top-k key selection (DeepSeek sparse attention, passed as `indices`) "
+            "is a different key subset per query, which varlen flash kernels cannot take; "
+            f"{PARITY_SDPA} runs it at sp=1"
+        )
+    if sp > 1:
+        raise NotImplementedError(
+            f"{backend}: the indexer's top-k key selection was made before the Ulysses exchange, over this "
+            "rank's sequence slice only, so it cannot be carried to the full sequence; sparse attention "
+            "runs at sp=1 only"
+        )
+    batch, seq, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    if indices.dim() != 3 or tuple(indices.shape[:2]) != (batch, seq):
+        raise NotImplementedError(
+            f"{backend}: `indices` of shape {tuple(indices.shape)} is not a top-k key selection "
+            f"[batch={batch}, seq={seq}, k]"
+        )
+    if attention_mask is None or attention_mask.dim() != 4:
+        got = "none" if attention_mask is None else f"a {attention_mask.dim()}-D one"
+        raise NotImplementedError(
+            f"{backend}: sparse attention (`indices`) needs the model's 4-D causal mask, got {got}"
+        )
+    selected = torch.zeros(batch, seq, kv_len, dtype=torch.bool, device=query.device)
+    selected = selected.scatter(-1, indices.long(), True)[:, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & selected
+    return attention_mask.masked_fill(~selected, torch.finfo(attention_mask.dtype).min)
+
+
 def parity_attention_forward(
     backend: str,
     module: torch.nn.Module,
@@ -681,7 +732,10 @@ def parity_attention_forward(
     local_len = query.shape[2]
     dense_mask = None
     padding_mask = None
-    if attention_mask is not None:
+    selection = kwargs.get("indices")  # DeepSeek sparse attention: the indexer's top-k keys
+    if selection is not None:
+        dense_mask = indexer_selection_mask(backend, selection, attention_mask, query, key, sp, varlen_fn)
+    elif attention_mask is not None:
         if attention_mask.dim() == 4:
             if sp > 1 or varlen_fn is not None:
                 raise NotImplementedError(
@@ -777,6 +831,32 @@ _FUNCTIONS = {
 }
 
 
+def reads_dense_mask(config: Any) -> bool:
+    """Whether the model itself reads the 4-D mask before attention: DeepSeek sparse attention (DSA).
+
+    The DSA indexer (``deepseek_v32``, ``glm_moe_dsa``: configs with ``index_topk``) masks its scores
+    with ``attention_mask[:, 0]`` to pick top-k keys inside each causal, packed, unpadded sequence. With
+    the flash-style mask (None or 2-D) that raised ``TypeError: 'NoneType' object is not subscriptable``.
+    """
+    return getattr(config, "index_topk", None) is not None
+
+
+def parity_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mask function of parity's names: transformers' flash mask, or sdpa's 4-D one where the model
+    reads the mask itself (:func:`reads_dense_mask`).
+
+    The flash mask (None, or the 2-D padding mask) lets the backend derive packing from the full
+    sequence; a DSA model needs the materialised 4-D bool mask, which transformers builds from the full
+    sequence at sp=1 (causal, packed samples, padding), and parity's sdpa then takes it as given.
+    """
+    from transformers.masking_utils import flash_attention_mask, sdpa_mask
+
+    if reads_dense_mask(kwargs.get("config")):
+        kwargs["allow_is_causal_skip"] = False  # the indexer subscripts it: never None
+        return sdpa_mask(*args, **kwargs)
+    return flash_attention_mask(*args, **kwargs)
+
+
 def register() -> None:
     """Register the three backends and their mask function with transformers (idempotent).
 
@@ -784,11 +864,11 @@ def register() -> None:
     the mask early-exit check in transformers reads only that mapping.
     """
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     for name, fn in _FUNCTIONS.items():
         AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, flash_attention_mask)
+        AttentionMaskInterface.register(name, parity_mask)
 
 
 def set_attention_backend(model: torch.nn.Module, name: str) -> None:

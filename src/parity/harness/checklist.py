@@ -323,6 +323,8 @@ def _sp_item(case: registry.Case, config: Any) -> Item:
     needs_one = []
     if "linear_attention" in (getattr(text, "layer_types", None) or []):
         needs_one.append("linear-attention layers do not take the sequence split")
+    if getattr(text, "index_topk", None) is not None:  # parity.backend.attention.reads_dense_mask
+        needs_one.append("the sparse-attention indexer picks its top-k keys from the local sequence slice")
     kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     if text.num_attention_heads % 2 or kv % 2:
         needs_one.append(f"heads {text.num_attention_heads}/{kv} do not split over sp 2")

@@ -379,6 +379,7 @@ def _shrink_text(t: _Editor, notes: list[str], *, mm: bool, mrope_default: list[
             t.set("layer_types", shrink_layer_types(layer_types), "one entry per layer, one layer per kind")
         else:
             t.drop("layer_types")  # one kind only: the config class derives it from the layer count
+    _shrink_indexer(t)
     if _is_int(t.get("max_window_layers")):
         new = max(0, min(LAYERS, round(t.get("max_window_layers") * LAYERS / old_layers)))
         t.set("max_window_layers", new, "scaled with the layer count")
@@ -429,6 +430,42 @@ def _shrink_text(t: _Editor, notes: list[str], *, mm: bool, mrope_default: list[
                 t.changes.append(Change(f"{t.prefix}rope_parameters.{key}", old, new, why))
     elif mm:
         notes.append("No rope_parameters: the VLM suites need mRoPE (rope_parameters.mrope_section).")
+
+
+#: DeepSeek sparse attention (indexer): top-k below every CPU sample of the suites (packed 61/45/54,
+#: padded 37/23; the scaffold's check 96/64), so most queries see more keys than the indexer keeps.
+INDEX_TOPK, INDEX_HEAD_DIM = 16, 64
+
+
+def _shrink_indexer(t: _Editor) -> None:
+    """DeepSeek sparse attention (``index_topk``): shrink the indexer and its per-layer lists.
+
+    A top-k of 2048 over 160-token rows selects every key, so the sparse path would never be
+    exercised; 78-entry per-layer lists fail validation on a 2-layer toy. ``mlp_layer_types`` is
+    derived by the config class from ``first_k_dense_replace``, so it is dropped unless the source
+    file spells it. ``indexer_types`` (glm_moe_dsa) keeps one layer of each kind.
+    """
+    if not _is_int(t.get("index_topk")):
+        return
+    t.set("index_topk", INDEX_TOPK, "below the suites' sample lengths, so the indexer really drops keys")
+    if _is_int(t.get("index_head_dim")):
+        t.set("index_head_dim", INDEX_HEAD_DIM, "indexer head: rope part (16) + 48, shrunk with the width")
+    # index_n_heads is kept: the indexer sums ReLU scores over its heads, so with few heads many keys
+    # score exactly 0 and the top-k boundary falls in that tie (4 heads: a packed row and the same
+    # sample alone picked different keys). 32 heads (GLM-5) make an all-zero key vanishingly rare.
+    mlp_types = t.get("mlp_layer_types")
+    if isinstance(mlp_types, list) and len(mlp_types) != LAYERS:
+        if t.from_file and "mlp_layer_types" in t.src:
+            t.set("mlp_layer_types", shrink_layer_types(mlp_types), "one entry per layer, one layer per kind")
+        else:
+            t.drop("mlp_layer_types")  # derived from first_k_dense_replace by the config class
+    if isinstance(t.get("indexer_types"), list):
+        t.set(
+            "indexer_types",
+            ["full", "shared"],
+            "layer 0 runs the indexer, layer 1 reuses its top-k: both paths, and the only top-k is computed "
+            "before any attention backend runs, so every mode selects the same keys (no near-tie flips)",
+        )
 
 
 def _shrink_token_ids(editors: list[_Editor], vocab: int) -> None:
@@ -629,6 +666,12 @@ def shrink(
         registry_fields = {
             "max_sp_size": 1,
             "max_sp_reason": "the linear-attention layers do not take the sequence split",
+        }
+    if _is_int(text.get("index_topk")):
+        registry_fields = {
+            "max_sp_size": 1,
+            "max_sp_reason": "the sparse-attention indexer picks its top-k keys before the Ulysses "
+            "exchange, from the local sequence slice only",
         }
     if requested_type != model_type:
         notes.append(f"Thinker only: `{model_type}` is the trainable part of `{requested_type}`.")
