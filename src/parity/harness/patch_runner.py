@@ -15,7 +15,7 @@ import re
 import resource
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +66,19 @@ def total_grad_norm(model: torch.nn.Module) -> float:
 
 
 def _release(device: torch.device) -> None:
+    """Free what a mode left (models, activations, cached blocks) before the next one.
+
+    After a CUDA error (a device-side assert) the context is unusable and synchronize raises the
+    error again; that must not replace the mode's own record, so it is ignored here (the worker
+    that runs the modes retires itself after such an error: :mod:`parity.harness.isolate`).
+    """
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except RuntimeError:  # torch.AcceleratorError is one: the poisoned context again
+            pass
 
 
 def _parity_backends() -> tuple[Any, Any]:
@@ -402,10 +411,13 @@ def run_modes(
     *,
     case: Case | None = None,
     start: int = 0,
-    on_mode: Any = None,
+    on_mode: Callable[[int, dict[str, Any]], None] | None = None,
+    on_record: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``modes[start:]`` in this process (``start > 0``: resume the results file a crashed child
-    left); ``on_mode(index, common)`` is told before each mode runs (the child's progress marker)."""
+    """Run ``modes[start:]`` in this process (``start > 0``: resume the results file a crashed worker
+    left); ``on_mode(index, common)`` is told before each mode runs (the worker's progress marker),
+    ``on_record(index, record)`` after its record is written (the worker retires itself there when
+    the record is a CUDA error; an exception it raises ends the run after that record)."""
     case_tolerance = tolerance
     tolerance = effective_tolerance(tolerance, settings.dtype_name)
     path = toy.config_path(config_path)
@@ -494,6 +506,8 @@ def run_modes(
             _release(settings.device)
         writer.add(record)
         records.append(record)
+        if on_record is not None:
+            on_record(index, record)
     del truth
     truth_path.unlink(missing_ok=True)
     _release(settings.device)
