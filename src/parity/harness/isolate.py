@@ -72,6 +72,9 @@ CUDA_POISON = re.compile(
     r"|unspecified launch failure|AcceleratorError",
     re.I,
 )
+#: Variables that change from case to case without changing what a worker would compute (pytest
+#: names the running test in one): left out of the worker's environment, which decides its reuse.
+VOLATILE_ENV = frozenset({"PYTEST_CURRENT_TEST"})
 #: The worker's exit code after it retired itself because of a CUDA error (its records stand).
 POISONED_EXIT = 3
 
@@ -332,7 +335,7 @@ def run_case_isolated(
     deadline = time.monotonic() + model_timeout_s(mode_timeout, len(modes))
     order = record_order(modes)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in VOLATILE_ENV},
         **parity_settings.child_env(
             PARITY_RESULTS=settings.results,
             PARITY_VARIANT=settings.variant,
@@ -376,12 +379,12 @@ def run_case_isolated(
                 start = int(reply.info["index"]) + 1
                 continue
             killed_for_time = reply.status == "deadline"
-            POOL.retire("previous worker hung" if killed_for_time else "previous worker died")
+            why, kind = _describe_exit(reply.code, killed_for_time, reply.log, mode_timeout)
+            POOL.retire("previous worker hung" if kind == "timeout" else "previous worker died")
             if not left:
                 break  # every mode recorded; the worker failed on its way out (recorded modes stand)
             info = json.loads(pending.read_text()) if pending.is_file() else None
             crashed = info["index"] if info and info["index"] in left else left[0]
-            why, kind = _describe_exit(reply.code, killed_for_time, reply.log, mode_timeout)
             if info is None:
                 kind = "harness"  # the worker died before it started a mode: the tool's own failure
             common = info["common"] if info and info["index"] == crashed else None
