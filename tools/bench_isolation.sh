@@ -10,16 +10,23 @@ PY=${PY:-python}
 MODELS=${*:-llama qwen2 qwen3 qwen3_moe seed_oss}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 ids() { for m in $MODELS; do printf 'tests/models/test_models_patch.py::test_models_patch_fwd_bwd[%s] ' "$m"; done; }
-run() {  # label tree isolate
+run() {  # label tree isolate: wall time, and CPU time (user+sys of the whole process tree: what the
+  # isolation costs, less sensitive to other load on the machine than the wall time)
   local out; out=$(mktemp -d)
-  local t0; t0=$(date +%s.%N)
-  (cd "$2" && PYTHONPATH=$2/src:$2 HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 PARITY_VARIANT=eager \
-    PARITY_RESULTS=$out PARITY_ISOLATE=$3 "$PY" -m pytest -q -p no:cacheprovider $(ids) > "$out/log.txt" 2>&1)
+  local TIMEFORMAT='%R %U %S'
+  local t
+  t=$( { time (cd "$2" && PYTHONPATH=$2/src:$2 HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 \
+    PARITY_VARIANT=eager PARITY_RESULTS=$out PARITY_ISOLATE=$3 "$PY" -m pytest -q -p no:cacheprovider $(ids) \
+    > "$out/log.txt" 2>&1) ; } 2>&1 )
   local rc=$?
-  printf '%-34s %6.1f s  pytest rc=%s  %s\n' "$1" "$(echo "$(date +%s.%N) - $t0" | bc)" "$rc" "$(tail -1 "$out/log.txt")"
+  read -r real user sys <<< "$t"
+  printf '%-34s wall %6.1f s  cpu %6.1f s  load %s  %s\n' "$1" "$real" "$(echo "$user + $sys" | bc)" \
+    "$(cut -d' ' -f1 /proc/loadavg)" "$(tail -1 "$out/log.txt")"
   rm -rf "$out"
 }
 echo "models: $MODELS ($(nproc) cores)"
-run "PARITY_ISOLATE=0 (in-process)" "$HERE" 0
-run "per-model child ($(git -C "$BASE" rev-parse --short HEAD))" "$BASE" 1
-run "persistent worker ($(git -C "$HERE" rev-parse --short HEAD))" "$HERE" 1
+for round in $(seq "${ROUNDS:-1}"); do  # interleaved, so load from elsewhere hits each alike
+  run "PARITY_ISOLATE=0 (in-process)" "$HERE" 0
+  run "per-model child ($(git -C "$BASE" rev-parse --short HEAD))" "$BASE" 1
+  run "persistent worker ($(git -C "$HERE" rev-parse --short HEAD))" "$HERE" 1
+done
