@@ -339,7 +339,9 @@ def error_line(record: dict[str, Any]) -> str:
     if isinstance(cause, str) and cause.strip():
         return cause.strip().splitlines()[0]
     lines = [line.strip() for line in str(record.get("error") or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "raised (no error text)"
+    # a CUDA error's message ends with advice ("Compile with `TORCH_USE_CUDA_DSA` ..."): name the error
+    cuda = [line for line in lines if "CUDA error" in line]
+    return cuda[-1] if cuda else lines[-1] if lines else "raised (no error text)"
 
 
 def tolerance_ceiling(case: registry.Case, suite: str, dtype: str) -> Tolerance | None:
