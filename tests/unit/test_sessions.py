@@ -214,7 +214,9 @@ def test_bad_config_stops_the_session_with_exit_2_naming_the_file(tmp_path, monk
     earlier = results / "patch" / "eager" / "qwen3.json"
     earlier.parent.mkdir(parents=True)
     earlier.write_text("{}")  # an earlier run's record: must survive a rejected invocation
-    good = ROOT / "toy_config" / "llama_toy" / "config.json"
+    (tmp_path / "good_llama").mkdir()  # a good --config beside the bad one (its own id)
+    good = tmp_path / "good_llama" / "config.json"
+    good.write_text((ROOT / "toy_config" / "llama_toy" / "config.json").read_text())
     monkeypatch.setattr(suites, "hardware_skip_reason", lambda variant: pytest.fail("the session went on"))
     path = _bad_configs(tmp_path)[bad]
     session = _LoggingSession(
