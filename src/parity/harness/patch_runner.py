@@ -343,7 +343,7 @@ def record_order(modes: list[ModelMode]) -> list[str]:
 
 
 def truth_file(settings: RunSettings, case_id: str) -> Path:
-    """The truth's tensors, kept for the modes that a restarted child process still has to run."""
+    """The truth's tensors, kept for the modes that a fresh worker process still has to run."""
     return results_path(settings.results, SUITE, settings.variant, case_id).with_name(f".{case_id}.truth.pt")
 
 
@@ -386,9 +386,9 @@ def run_case(
 ) -> list[dict[str, Any]]:
     """Run every mode (reference first), writing records as we go; return the records.
 
-    ``isolate`` (default: ``PARITY_ISOLATE``) runs the modes in a child process
+    ``isolate`` (default: ``PARITY_ISOLATE``) runs the modes in the persistent worker process
     (:mod:`parity.harness.isolate`): a crash, abort or hang there becomes that mode's error record
-    with its stack and a new child runs the modes after it. A mode the registry entry declares
+    with its stack and a fresh worker runs the modes after it. A mode the registry entry declares
     unsupported is recorded as such, with its reason, and not run; a mode this device or dtype
     cannot run is recorded as skipped.
     """
@@ -427,7 +427,7 @@ def run_modes(
     earlier = results_path(settings.results, SUITE, settings.variant, case_id)
     kept = list(load_results_file(earlier).records) if start and earlier.is_file() else []
     writer = ResultsWriter(settings.results, SUITE, settings.variant, case_id, record_order(modes))
-    if kept:  # a restarted child: the modes before ``start`` stay as recorded
+    if kept:  # a fresh worker resuming a case: the modes before ``start`` stay as recorded
         writer.file.records = kept
         writer.flush()
     records = []

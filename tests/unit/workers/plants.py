@@ -70,7 +70,9 @@ def _cuda_error_in_forward(model_type: str, attn: str) -> None:
     def fire() -> None:
         import torch
 
-        if torch.cuda.is_available() and os.environ.get("PARITY_DEVICE", "cuda").startswith("cuda"):
+        from parity import settings
+
+        if settings.device_and_dtype()[0].type == "cuda":
             table = torch.zeros(4, device="cuda")
             table[torch.tensor([1 << 20], device="cuda")] += 1  # index out of bounds: device-side assert
             torch.cuda.synchronize()
