@@ -146,15 +146,16 @@ _ALL = (
         "PARITY_ISOLATE",
         "bool",
         "1",
-        "run each model's patch modes in a child process, so a crash, abort or hang is that mode's error "
-        "and the other modes and models still run",
+        "run the patch modes in a persistent worker process (started once per session, replaced after a "
+        "crash, a hang or a CUDA error), so a crash, abort or hang is that mode's error and the other modes "
+        "and models still run",
         "user",
     ),
     Setting(
         "PARITY_MODE_TIMEOUT_S",
         "float",
         None,
-        "deadline of one patch mode in the child (default: 120 s + 60 s per billion parameters on a GPU, "
+        "deadline of one patch mode in the worker (default: 120 s + 60 s per billion parameters on a GPU, "
         "600 s on CPU; twice that for the mode that creates the weights); `--mode-timeout` sets it",
         "user",
     ),

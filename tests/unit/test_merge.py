@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -139,6 +140,70 @@ def test_skipped_variant_passes_unless_required(folder):
     required = merge(folder.root, require=["fa2"])
     assert required.exit_code == EXIT_INVALID and "skipped but is required" in problems(required)
     assert merge(folder.root, require=["fa3"]).exit_code == EXIT_INVALID  # never ran at all
+
+
+def _fa2_run_with_modes_that_did_not_run(folder) -> None:
+    """An fa2 run of qwen3 where transformers refused FA2 (unsupported) and parity's FA2 was skipped."""
+    folder.add_run("fa2")
+    refused = make_record("hf_attn-flash_attention_2", "flash_attention_2", None, 0, 0)
+    refused.update(status="unsupported", reason="ValueError: Qwen3 does not support Flash Attention 2.0")
+    skipped = make_record("parity_attn-parity_flash_attention_2_with_sp", "parity_fa2", None, 0, 0)
+    skipped.update(status="skipped", reason="flash kernels need a CUDA device (this run: cpu)")
+    folder.add_model(
+        variant="fa2",
+        records=[
+            make_record("hf_attn-eager", "eager", None, 5.5513, 1.234),
+            make_record("hf_attn-sdpa", "sdpa", None, 5.5514, 1.2341),
+            refused,
+            skipped,
+        ],
+    )
+
+
+def test_require_fails_on_a_mode_that_did_not_run_and_names_it(folder, capsys):
+    _fa2_run_with_modes_that_did_not_run(folder)
+    # negative control: the same results pass without --require (they count as skips)
+    assert main(["--results", str(folder.root)]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["--results", str(folder.root), "--require", "fa2"]) == EXIT_INVALID
+    captured = capsys.readouterr()
+    err = captured.err
+    assert (
+        "patch(fa2) qwen3 mode hf_attn-flash_attention_2: unsupported but --require fa2 needs every mode"
+        in err
+    )
+    assert "Qwen3 does not support Flash Attention 2.0" in err
+    assert "patch(fa2) qwen3 mode parity_attn-parity_flash_attention_2_with_sp: skipped" in err
+    assert "flash kernels need a CUDA device" in err
+    assert "--require fa2: 2 mode(s) did not run: qwen3 hf_attn-flash_attention_2 (unsupported); " in err
+    assert "verdict=invalid exit=2" in captured.out
+    assert "required (--require fa2): UNSUPPORTED" not in captured.out  # the detail, not the verdict
+    assert "required (--require fa2)" in captured.out  # the table marks both rows
+    # only the required variant's modes count: requiring the eager variant (all modes ran) passes
+    folder.add_run()
+    folder.add_model()
+    assert merge(folder.root, require=["eager"]).exit_code == EXIT_OK
+
+
+def test_require_fails_on_a_mode_the_registry_declares_unsupported(folder, monkeypatch):
+    """A declaration is a reason, not a run: --require still fails, and the message says it is declared."""
+    from parity.results import registry
+
+    _fa2_run_with_modes_that_did_not_run(folder)
+    real = registry.cases
+
+    def cases():
+        planted = {"flash_attention_2": "planted declaration"}
+        return [dataclasses.replace(c, unsupported=planted) if c.id == "qwen3" else c for c in real()]
+
+    monkeypatch.setattr(registry, "cases", cases)
+    assert merge(folder.root).exit_code == EXIT_OK
+    report = merge(folder.root, require=["fa2"])
+    assert report.exit_code == EXIT_INVALID
+    assert "hf_attn-flash_attention_2: unsupported (declared in the registry) but --require fa2" in problems(
+        report
+    )
+    assert "parity_flash_attention_2_with_sp: skipped but" in problems(report)  # not declared: plain
 
 
 @pytest.mark.parametrize(

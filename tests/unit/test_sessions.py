@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -161,3 +162,92 @@ def test_bench_default_output_is_outside_results():
         ["git", "check-ignore", "-q", str(suites.DEFAULT_BENCH_OUT)], cwd=ROOT, capture_output=True
     )
     assert ignored.returncode == 0, "artifacts/ must be gitignored"
+
+
+# --------------------------------------------------------------------------------------------
+# --config: bad input stops the whole invocation with exit 2 and the file named, before anything runs
+
+
+class _LoggingSession(_FakeSession):
+    name = "patch(eager)"
+
+    def __init__(self, posargs: list[str]) -> None:
+        super().__init__(posargs)
+        self.logged: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.logged.append(message)
+
+
+def _bad_configs(tmp_path: Path) -> dict[str, Path]:
+    """One config.json per bad input the README names, each in its own folder (the id)."""
+    made = {}
+    contents = {
+        "invalid_json": '{"model_type": "llama", "num_attention_heads": 4,',
+        "unknown_type": '{"model_type": "lama", "num_attention_heads": 4, "hidden_size": 64}',
+        "no_heads": '{"model_type": "llama", "hidden_size": 64}',
+    }
+    for name, text in contents.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        made[name] = tmp_path / name / "config.json"
+    made["missing"] = tmp_path / "missing" / "config.json"  # never written
+    return made
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("missing", "--config: no such file"),
+        ("invalid_json", "invalid JSON"),
+        ("unknown_type", "transformers does not know model_type 'lama'. Did you mean llama"),
+        ("no_heads", "--config: no attention heads"),
+    ],
+)
+def test_bad_config_stops_the_session_with_exit_2_naming_the_file(tmp_path, monkeypatch, bad, why):
+    """Through run_suite (the patch session's body): a registry model and a good --config in the same
+    invocation are rejected with it, before anything runs or any earlier result is cleared: a typo in
+    one path must not turn into a merge of the rest that looks like a verdict on what was asked."""
+    from sessions import suites
+
+    results = tmp_path / "results"
+    earlier = results / "patch" / "eager" / "qwen3.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")  # an earlier run's record: must survive a rejected invocation
+    (tmp_path / "good_llama").mkdir()  # a good --config beside the bad one (its own id)
+    good = tmp_path / "good_llama" / "config.json"
+    good.write_text((ROOT / "toy_config" / "llama_toy" / "config.json").read_text())
+    monkeypatch.setattr(suites, "hardware_skip_reason", lambda variant: pytest.fail("the session went on"))
+    path = _bad_configs(tmp_path)[bad]
+    session = _LoggingSession(
+        ["qwen3", "--config", str(good), "--config", str(path), "--results", str(results)]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        suites.run_suite(session, "patch", "eager", lambda models: pytest.fail("pytest was started"))
+    assert exit_info.value.code == 2
+    message = "\n".join(session.logged)
+    assert str(path) in message and why in message, message
+    assert not session.notified  # no merge queued
+    assert earlier.is_file()
+
+
+def test_bad_config_in_the_variant_env_check_is_exit_2_naming_the_file(tmp_path):
+    """The same checks as the variant env runs them (``python -m parity.results.registry``), where
+    transformers is importable even when nox's interpreter has none."""
+    configs = _bad_configs(tmp_path)
+    for bad, path in configs.items():
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "parity.results.registry",
+                str(ROOT / "toy_config" / "llama_toy"),
+                str(path),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2, (bad, proc.stdout, proc.stderr)
+        assert str(path) in proc.stdout, (bad, proc.stdout)

@@ -1,33 +1,56 @@
-"""One model's modes in a child process: a crash, abort or hang is that mode's failure, not the run's.
+"""One persistent worker process runs the patch modes: a crash, abort or hang is that mode's failure.
 
 A device-side assert poisons the CUDA context of the process it happens in, an ``os.abort`` or a
 segfault in a kernel ends it, and pytest-timeout in thread mode ends the whole pytest process: each
-of these used to lose every later mode and model. Here the pytest process (the parent) starts
-``python -m parity.harness.isolate SPEC`` for a case; the child runs the modes in order
-(:func:`parity.harness.patch_runner.run_modes`), telling the parent through a progress file which
-mode it is in. When the child dies or hangs, the parent writes that mode's ``error`` record with
-what killed it and the child's last output (Python's faulthandler prints every thread's stack on a
-fatal signal and on the per-mode deadline), and starts a new child at the next mode. The weights
-snapshot (:mod:`parity.harness.weights`) makes the restart cheap: nothing is initialised twice.
+of these used to lose every later mode and model. So the pytest process (the parent) never runs a
+mode itself. It starts ``python -m parity.harness.isolate --serve PARENT_PID REPLY_FD`` once, lazily
+on the first case, and sends it one JSON spec per case on its stdin; the worker runs the modes in
+order (:func:`parity.harness.patch_runner.run_modes`), tells the parent through a per-case progress
+file which mode it is in, writes the records into the results file as before and answers ``done`` on
+the reply pipe. Imports, CUDA initialisation and kernel caches are paid once per session, not once
+per model (about 13 s per model on an H200, 2.7 s on a 2-core CPU).
+
+A worker is retired and a fresh one started for the next mode when it died (abort, segfault, exit),
+hung (the per-mode or per-model deadline), or reported a mode error whose message is a CUDA error
+(a device-side assert, an illegal memory access: the context is unusable afterwards, and every later
+mode in it would fail for a reason that is not its own). When it died or hung, the parent writes that
+mode's ``error`` record with what ended it and the worker's last stderr lines (faulthandler prints
+every thread's stack on a fatal signal and on the per-mode deadline). The weights snapshot
+(:mod:`parity.harness.weights`) makes a restart cheap: nothing is initialised twice. A worker also
+serves only one environment: a case whose environment differs (another ``PARITY_FAULT``, results
+folder, device) gets its own worker.
 
 Timeouts (README "Timeouts"): per mode ``PARITY_MODE_TIMEOUT_S``, default 120 s plus 60 s (GPU) or
-600 s (CPU) per billion parameters, twice that for the mode that creates the weights; per model
-``PARITY_MODEL_TIMEOUT_S``, default the per-mode timeout times (modes + 1). On the mode deadline the
-child dumps its stacks and exits; on the model deadline the parent sends SIGABRT (stacks), then
-SIGKILL, and records every mode not run as timed out.
+600 s (CPU) per billion parameters, twice that for the first mode of a case (it may create the
+weights); per model ``PARITY_MODEL_TIMEOUT_S``, default the per-mode timeout times (modes + 1). On the
+mode deadline the worker dumps its stacks and exits; on the model deadline the parent sends SIGABRT
+(stacks), then SIGKILL, and records every mode not run as timed out.
+
+No orphan: the worker must not outlive the parent, whatever ends the parent (SIGKILL, SIGTERM, nox's
+Ctrl-C). It asks the kernel for SIGKILL when the parent dies (``PR_SET_PDEATHSIG``, Linux), a watchdog
+thread polls its parent pid (every other platform, and the window before prctl), and an idle worker
+exits when its command pipe closes. The parent kills its worker on KeyboardInterrupt and at exit.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
 import faulthandler
+import gc
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from parity import settings as parity_settings
 from parity.results import registry
@@ -41,6 +64,19 @@ from parity.results.records import (
 
 LOG_TAIL_LINES = 120
 _TIMEOUT_MARK = "Timeout ("  # faulthandler's header when dump_traceback_later fires
+PR_SET_PDEATHSIG = 1
+PARENT_POLL_S = 0.5
+#: A mode error with one of these in its message leaves the CUDA context unusable: retire the worker.
+CUDA_POISON = re.compile(
+    r"CUDA error|device-side assert|illegal memory access|cudaErrorLaunchFailure|CUBLAS_STATUS_EXECUTION"
+    r"|unspecified launch failure|AcceleratorError",
+    re.I,
+)
+#: Variables that change from case to case without changing what a worker would compute (pytest
+#: names the running test in one): left out of the worker's environment, which decides its reuse.
+VOLATILE_ENV = frozenset({"PYTEST_CURRENT_TEST"})
+#: The worker's exit code after it retired itself because of a CUDA error (its records stand).
+POISONED_EXIT = 3
 
 
 def estimate_parameters(data: dict[str, Any]) -> float:
@@ -67,34 +103,210 @@ def mode_timeout_s(data: dict[str, Any], device_type: str) -> float:
 
 
 def model_timeout_s(mode_timeout: float, n_modes: int) -> float:
+    """``PARITY_MODEL_TIMEOUT_S``, or one mode timeout per mode plus one (the weights, the imports)."""
     explicit = parity_settings.get("PARITY_MODEL_TIMEOUT_S")
     return float(explicit) if explicit else mode_timeout * (n_modes + 1)
 
 
 def _describe_exit(code: int | None, killed_for_time: bool, log: str, mode_timeout: float) -> tuple[str, str]:
-    """(one line saying what ended the child, error_kind)."""
+    """(one line saying what ended the worker, error_kind)."""
     if killed_for_time:
-        return "the model's deadline passed (PARITY_MODEL_TIMEOUT_S); the child was killed", "timeout"
+        return "the model's deadline passed (PARITY_MODEL_TIMEOUT_S); the worker was killed", "timeout"
     if _TIMEOUT_MARK in log:
         return f"the mode ran past its timeout of {mode_timeout:g} s (PARITY_MODE_TIMEOUT_S)", "timeout"
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-        return f"the child process died of signal {name}", "crash"
-    return f"the child process exited with code {code}", "crash"
-
-
-def _tail(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(lines[-LOG_TAIL_LINES:])
+        return f"the worker process died of signal {name}", "crash"
+    return f"the worker process exited with code {code}", "crash"
 
 
 def _append(path: Path, suite: str, variant: str, model: str, order: list[str], record: dict) -> None:
     current = load_results_file(path) if path.is_file() else ResultsFile(suite, variant, model, order, [])
     current.records.append(record)
     write_json_atomic(path, current.to_json())
+
+
+# --------------------------------------------------------------------------------------------
+# the parent's side: one worker per environment, reused case after case
+
+
+def worker_command(parent_pid: int, reply_fd: int) -> list[str]:
+    """The worker's command line (a test replaces it to start a worker with its guard patched off)."""
+    return [sys.executable, "-m", "parity.harness.isolate", "--serve", str(parent_pid), str(reply_fd)]
+
+
+@dataclass
+class Reply:
+    """How a case ended in the worker: ``done``, ``poisoned`` (a CUDA error; the worker retires), or
+    ``dead`` / ``deadline`` (no answer: the worker died, or the model's deadline passed and the parent
+    killed it)."""
+
+    status: str
+    code: int | None = None
+    log: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Worker:
+    """One worker process, its command pipe, its reply pipe and its stderr log."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, serial: int) -> None:
+        self.env = env
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"worker-{os.getpid()}-{serial}.log"
+        self._log: IO[str] = self.log_path.open("w")
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                worker_command(os.getpid(), write_fd),
+                stdin=subprocess.PIPE,
+                stderr=self._log,
+                env=env,
+                pass_fds=(write_fd,),
+                start_new_session=True,  # its own process group: a kill reaches its helpers too
+            )
+        finally:
+            os.close(write_fd)  # only the worker holds the write end: EOF here means it is gone
+        self._reply_fd = read_fd
+        self._buffer = b""
+        self.cases = 0
+        self.busy = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_offset(self) -> int:
+        self._log.flush()
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        """The worker's stderr since ``offset`` (its last LOG_TAIL_LINES lines): this case's part."""
+        try:
+            with self.log_path.open("rb") as handle:
+                handle.seek(offset)
+                text = handle.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+
+    def run(self, spec: dict[str, Any], deadline: float) -> Reply:
+        """Send one case and wait for its answer, the worker's death or the deadline."""
+        offset = self.log_offset()
+        self.busy = True
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write((json.dumps(spec) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died between cases: the wait below sees it
+        answer = self._wait(deadline)
+        if answer is not None:
+            self.busy = False
+            self.cases += 1
+            status = answer.get("status", "done")
+            if status == "poisoned":  # it exits by itself; give it a moment, then make sure
+                self.stop(kill_after=10.0)
+            return Reply(status, self.proc.returncode, self.log_since(offset), answer)
+        if self.alive():  # the model's deadline: stacks first (faulthandler), then SIGKILL
+            self._signal(signal.SIGABRT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.proc.wait()
+            self.close()
+            return Reply("deadline", self.proc.returncode, self.log_since(offset))
+        self.close()
+        return Reply("dead", self.proc.returncode, self.log_since(offset))
+
+    def _wait(self, deadline: float) -> dict[str, Any] | None:
+        """The worker's next reply line, or None when it died or the deadline passed."""
+        while True:
+            if b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                return json.loads(line)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self._reply_fd], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(self._reply_fd, 65536)
+            if not chunk:  # the write end closed: the worker is gone
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=30)
+                return None
+            self._buffer += chunk
+
+    def _signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, kill_after: float = 5.0) -> None:
+        """End the worker: an idle one exits on EOF, a busy one (or one that does not) is killed."""
+        if self.alive():
+            if not self.busy and self.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=kill_after)
+            if self.alive():
+                self._signal(signal.SIGKILL)
+                self.proc.wait()
+        self.close()
+
+    def close(self) -> None:
+        for close in (getattr(self.proc.stdin, "close", None), self._log.close):
+            with contextlib.suppress(OSError):
+                if close is not None:
+                    close()
+        if self._reply_fd >= 0:
+            os.close(self._reply_fd)
+            self._reply_fd = -1
+
+
+class WorkerPool:
+    """The parent's current worker (at most one: cases run one after another) and what it started.
+
+    ``started`` lists every worker's pid with the reason it was started (``first case``,
+    ``environment changed``, ``previous worker died``, ``previous worker hung``, ``CUDA error``), so
+    a test can see that a worker is reused and when it is replaced.
+    """
+
+    def __init__(self) -> None:
+        self.current: Worker | None = None
+        self.started: list[tuple[int, str]] = []
+        self._serial = 0
+        self._why_next = "first case"
+
+    def get(self, env: dict[str, str], log_dir: Path) -> Worker:
+        worker = self.current
+        if worker is not None and (worker.env != env or not worker.alive()):
+            why = "environment changed" if worker.env != env else "previous worker exited between cases"
+            self.retire(why)
+        if self.current is None:
+            self._serial += 1
+            self.current = Worker(env, log_dir, self._serial)
+            self.started.append((self.current.pid, self._why_next))
+        return self.current
+
+    def retire(self, why_next: str) -> None:
+        """Stop the current worker; the next case's worker is started for ``why_next``."""
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+        self._why_next = why_next
+
+    def shutdown(self) -> None:
+        self.retire("first case")
+
+
+POOL = WorkerPool()
+atexit.register(POOL.shutdown)
 
 
 def run_case_isolated(
@@ -106,8 +318,12 @@ def run_case_isolated(
     *,
     case: registry.Case | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``modes`` (already planned, truth first) in child processes; return every record."""
-    from parity.harness.patch_runner import SEED, SUITE, record_order
+    """Run ``modes`` (already planned, truth first) in the worker; return every record.
+
+    Resumes at the mode after one that killed, hung or poisoned the worker, with a fresh worker; a
+    passed model deadline records every mode not run as timed out and ends the case.
+    """
+    from parity.harness.patch_runner import SEED, SUITE, record_order, truth_file
 
     config = registry.config_path(config_path)
     data = registry.read_json(config)
@@ -119,7 +335,7 @@ def run_case_isolated(
     deadline = time.monotonic() + model_timeout_s(mode_timeout, len(modes))
     order = record_order(modes)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in VOLATILE_ENV},
         **parity_settings.child_env(
             PARITY_RESULTS=settings.results,
             PARITY_VARIANT=settings.variant,
@@ -139,77 +355,74 @@ def run_case_isolated(
         "unsupported": dict(case.unsupported) if case else {},
         "mode_timeout_s": mode_timeout,
     }
+    log_dir = out.parent / ".workers"
+    pending = work / "pending.json"
     start = 0
-    attempt = 0
-    while start < len(modes):
-        attempt += 1
-        spec = work / f"spec-{attempt}.json"
-        pending = work / "pending.json"
-        pending.unlink(missing_ok=True)
-        write_json_atomic(spec, {**spec_base, "start": start, "pending": str(pending)})
-        log = work / f"child-{attempt}.log"
-        killed_for_time = False
-        with log.open("w") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "parity.harness.isolate", str(spec)],
-                stderr=err,
-                env=env,
-                start_new_session=True,  # its own process group: a kill reaches its helpers too
-            )
-            try:
-                code = proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
-            except subprocess.TimeoutExpired:
-                killed_for_time = True
-                os.killpg(proc.pid, signal.SIGABRT)  # faulthandler prints the stacks first
-                try:
-                    code = proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    code = proc.wait()
-        text = _tail(log)
-        if text:
-            print(text, file=sys.stderr, flush=True)
-        done = {r["mode"]["id"] for r in load_results_file(out).records} if out.is_file() else set()
-        left = [i for i in range(start, len(modes)) if modes[i].id not in done]
-        if code == 0 and not left:
-            break
-        if not left:
-            break  # every mode recorded; the child failed on its way out (recorded modes stand)
-        info = json.loads(pending.read_text()) if pending.is_file() else None
-        crashed = info["index"] if info and info["index"] in left else left[0]
-        why, kind = _describe_exit(code, killed_for_time, text, mode_timeout)
-        if info is None:
-            kind = "harness"  # the child died before it started a mode: the tool's own failure
-        common = info["common"] if info and info["index"] == crashed else None
-        if common is None:
-            common = _fallback_common(case_id, modes[crashed], tolerance, settings, config, SUITE, SEED)
-        targets = left[left.index(crashed) :] if killed_for_time else [crashed]
-        for index in targets:
-            if index != crashed:
-                common = _fallback_common(case_id, modes[index], tolerance, settings, config, SUITE, SEED)
-            message = (
-                f"{modes[index].id}: {why}" if index == crashed else "not run: the model's deadline passed"
-            )
-            print(f"[parity]   ERROR ({kind}) {case_id} {message}", flush=True)
-            record = make_record(
-                status="error",
-                error=f"{message}\n--- last lines of the child's stderr ---\n{text}\n"
-                f"(child exit code {code})",
-                error_kind=kind,
-                phase="child",
-                **common,
-            )
-            _append(out, SUITE, settings.variant, case_id, order, record)
-        if killed_for_time:
-            break
-        start = crashed + 1
+    try:
+        while start < len(modes):
+            pending.unlink(missing_ok=True)
+            worker = POOL.get(env, log_dir)
+            reply = worker.run({**spec_base, "start": start, "pending": str(pending)}, deadline)
+            if reply.log:
+                print(reply.log, file=sys.stderr, flush=True)
+            done = {r["mode"]["id"] for r in load_results_file(out).records} if out.is_file() else set()
+            left = [i for i in range(start, len(modes)) if modes[i].id not in done]
+            if reply.status == "done":
+                break  # every mode from ``start`` ran (recorded, whatever its status)
+            if reply.status == "poisoned":
+                POOL.retire(f"CUDA error in {case_id} {reply.info.get('mode')}")
+                print(
+                    f"[parity]   worker {worker.pid} retired after a CUDA error in {case_id} "
+                    f"{reply.info.get('mode')}; a fresh worker runs the next mode",
+                    flush=True,
+                )
+                start = int(reply.info["index"]) + 1
+                continue
+            killed_for_time = reply.status == "deadline"
+            why, kind = _describe_exit(reply.code, killed_for_time, reply.log, mode_timeout)
+            POOL.retire("previous worker hung" if kind == "timeout" else "previous worker died")
+            if not left:
+                break  # every mode recorded; the worker failed on its way out (recorded modes stand)
+            info = json.loads(pending.read_text()) if pending.is_file() else None
+            crashed = info["index"] if info and info["index"] in left else left[0]
+            if info is None:
+                kind = "harness"  # the worker died before it started a mode: the tool's own failure
+            common = info["common"] if info and info["index"] == crashed else None
+            if common is None:
+                common = _fallback_common(case_id, modes[crashed], tolerance, settings, config, SUITE, SEED)
+            targets = left[left.index(crashed) :] if killed_for_time else [crashed]
+            for index in targets:
+                if index != crashed:
+                    common = _fallback_common(case_id, modes[index], tolerance, settings, config, SUITE, SEED)
+                message = (
+                    f"{modes[index].id}: {why}"
+                    if index == crashed
+                    else "not run: the model's deadline passed"
+                )
+                print(f"[parity]   ERROR ({kind}) {case_id} {message}", flush=True)
+                record = make_record(
+                    status="error",
+                    error=f"{message}\n--- last lines of the worker's stderr ---\n{reply.log}\n"
+                    f"(worker pid {worker.pid}, exit code {reply.code})",
+                    error_kind=kind,
+                    phase="child",
+                    **common,
+                )
+                _append(out, SUITE, settings.variant, case_id, order, record)
+            if killed_for_time:
+                break
+            start = crashed + 1
+    except BaseException:  # KeyboardInterrupt (nox's Ctrl-C), pytest-timeout: never leave it running
+        POOL.retire("previous case was interrupted")
+        raise
+    truth_file(settings, case_id).unlink(missing_ok=True)  # kept for a resume; none is coming now
     return list(load_results_file(out).records) if out.is_file() else []
 
 
 def _fallback_common(
     case_id: str, mode: Any, tolerance: Any, settings: Any, config: Path, suite: str, seed: int
 ) -> dict[str, Any]:
-    """Record fields for a mode the child never announced (no torch needed in the parent)."""
+    """Record fields for a mode the worker never announced (no torch needed in the parent)."""
     from parity.harness.patch_runner import common_fields
     from parity.results.compare import effective_tolerance
 
@@ -219,16 +432,63 @@ def _fallback_common(
     )
 
 
-def child_main(spec_path: str) -> int:
-    """The child: install planted faults (negative controls), then run the modes from ``start``."""
-    faulthandler.enable(file=sys.stderr, all_threads=True)
-    spec = json.loads(Path(spec_path).read_text())
-    from parity.harness import faults, patch_runner
+# --------------------------------------------------------------------------------------------
+# the worker's side
+
+
+def _prctl_pdeathsig(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies; False where that is not there."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl: the poll remains
+        return False
+
+
+def guard_parent(parent_pid: int) -> None:
+    """Die with the parent: SIGKILL from the kernel when it dies (prctl), and a thread that polls the
+    parent pid (other platforms, and a parent that died before prctl was in place) and then kills
+    this worker's process group."""
+    _prctl_pdeathsig(signal.SIGKILL)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                with contextlib.suppress(OSError):
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                os._exit(1)
+            time.sleep(PARENT_POLL_S)
+
+    threading.Thread(target=watch, name="parity-parent-watch", daemon=True).start()
+
+
+class _Poisoned(Exception):
+    """A mode error was a CUDA error: stop the case here, the worker retires."""
+
+    def __init__(self, index: int, mode: str, line: str) -> None:
+        super().__init__(line)
+        self.index, self.mode, self.line = index, mode, line
+
+
+def poisons_context(record: dict[str, Any]) -> bool:
+    """Whether a mode's record says the process's CUDA context is unusable now.
+
+    Matched on the error text, whatever the device: a CUDA error message only arises on CUDA, and a
+    planted one on CPU exercises the same retirement (tests/unit/test_isolation.py).
+    """
+    return record.get("status") == "error" and bool(CUDA_POISON.search(str(record.get("error") or "")))
+
+
+def _run_spec(spec: dict[str, Any]) -> None:
+    """One case in this worker: the spec's modes from ``start``, with the per-mode deadline."""
+    import torch
+
+    from parity.harness import patch_runner
     from parity.results.modes import ModelMode
     from parity.results.records import Tolerance
 
-    faults.install(parity_settings.get("PARITY_FAULT"))
-    settings = patch_runner.RunSettings.from_env(default_results=Path(spec_path).parent)
+    settings = patch_runner.RunSettings.from_env(default_results=Path(spec["pending"]).parent)
     case = registry.case_from_config(spec["case_id"], Path(spec["config"]), unsupported=spec["unsupported"])
     modes = [ModelMode(**m) for m in spec["modes"]]
     pending = Path(spec["pending"])
@@ -241,19 +501,68 @@ def child_main(spec_path: str) -> int:
         first = index == spec["start"]
         faulthandler.dump_traceback_later(timeout * (2 if first else 1), exit=True)
 
-    patch_runner.run_modes(
-        spec["case_id"],
-        spec["config"],
-        modes,
-        Tolerance(**spec["tolerance"]),
-        settings,
-        case=case,
-        start=int(spec["start"]),
-        on_mode=on_mode,
-    )
-    faulthandler.cancel_dump_traceback_later()
-    return 0
+    def on_record(index: int, record: dict[str, Any]) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        if poisons_context(record):
+            lines = [x for x in str(record.get("error")).splitlines() if x.strip()]
+            raise _Poisoned(index, modes[index].id, lines[-1] if lines else "CUDA error")
+
+    try:
+        patch_runner.run_modes(
+            spec["case_id"],
+            spec["config"],
+            modes,
+            Tolerance(**spec["tolerance"]),
+            settings,
+            case=case,
+            start=int(spec["start"]),
+            on_mode=on_mode,
+            on_record=on_record,
+        )
+    finally:
+        faulthandler.cancel_dump_traceback_later()  # an idle worker has no deadline
+        gc.collect()  # the case's weights, truth tensors and models go before the next case
+        if settings.device.type == "cuda":
+            with contextlib.suppress(RuntimeError):
+                torch.cuda.empty_cache()
+
+
+def serve(parent_pid: int, reply_fd: int) -> int:
+    """The worker: guard against outliving the parent, install planted faults, then serve cases."""
+    guard_parent(parent_pid)
+    if os.getppid() != parent_pid:  # the parent died before the guard was in place
+        return 1
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    from parity.harness import faults, patch_runner  # noqa: F401 - torch and transformers, once
+
+    faults.install(parity_settings.get("PARITY_FAULT"))
+    reply = os.fdopen(reply_fd, "w", buffering=1)
+    while True:
+        line = sys.stdin.readline()
+        if not line:  # the parent closed the pipe (or died): nothing more to serve
+            return 0
+        spec = json.loads(line)
+        try:
+            _run_spec(spec)
+        except _Poisoned as poisoned:
+            print(f"[parity]   CUDA error in {poisoned.mode}: {poisoned.line}", file=sys.stderr, flush=True)
+            reply.write(
+                json.dumps({"status": "poisoned", "index": poisoned.index, "mode": poisoned.mode}) + "\n"
+            )
+            reply.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(POISONED_EXIT)  # no interpreter teardown in a poisoned CUDA context
+        reply.write(json.dumps({"status": "done"}) + "\n")
+        reply.flush()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "--serve":
+        return serve(int(argv[1]), int(argv[2]))
+    print("usage: python -m parity.harness.isolate --serve PARENT_PID REPLY_FD", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1]))
+    sys.exit(main(sys.argv[1:]))

@@ -15,7 +15,7 @@ import re
 import resource
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +66,19 @@ def total_grad_norm(model: torch.nn.Module) -> float:
 
 
 def _release(device: torch.device) -> None:
+    """Free what a mode left (models, activations, cached blocks) before the next one.
+
+    After a CUDA error (a device-side assert) the context is unusable and synchronize raises the
+    error again; that must not replace the mode's own record, so it is ignored here (the worker
+    that runs the modes retires itself after such an error: :mod:`parity.harness.isolate`).
+    """
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except RuntimeError:  # torch.AcceleratorError is one: the poisoned context again
+            pass
 
 
 def _parity_backends() -> tuple[Any, Any]:
@@ -335,7 +344,7 @@ def record_order(modes: list[ModelMode]) -> list[str]:
 
 
 def truth_file(settings: RunSettings, case_id: str) -> Path:
-    """The truth's tensors, kept for the modes that a restarted child process still has to run."""
+    """The truth's tensors, kept for the modes that a fresh worker process still has to run."""
     return results_path(settings.results, SUITE, settings.variant, case_id).with_name(f".{case_id}.truth.pt")
 
 
@@ -378,9 +387,9 @@ def run_case(
 ) -> list[dict[str, Any]]:
     """Run every mode (reference first), writing records as we go; return the records.
 
-    ``isolate`` (default: ``PARITY_ISOLATE``) runs the modes in a child process
+    ``isolate`` (default: ``PARITY_ISOLATE``) runs the modes in the persistent worker process
     (:mod:`parity.harness.isolate`): a crash, abort or hang there becomes that mode's error record
-    with its stack and a new child runs the modes after it. A mode the registry entry declares
+    with its stack and a fresh worker runs the modes after it. A mode the registry entry declares
     unsupported is recorded as such, with its reason, and not run; a mode this device or dtype
     cannot run is recorded as skipped.
     """
@@ -403,10 +412,13 @@ def run_modes(
     *,
     case: Case | None = None,
     start: int = 0,
-    on_mode: Any = None,
+    on_mode: Callable[[int, dict[str, Any]], None] | None = None,
+    on_record: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``modes[start:]`` in this process (``start > 0``: resume the results file a crashed child
-    left); ``on_mode(index, common)`` is told before each mode runs (the child's progress marker)."""
+    """Run ``modes[start:]`` in this process (``start > 0``: resume the results file a crashed worker
+    left); ``on_mode(index, common)`` is told before each mode runs (the worker's progress marker),
+    ``on_record(index, record)`` after its record is written (the worker retires itself there when
+    the record is a CUDA error; an exception it raises ends the run after that record)."""
     case_tolerance = tolerance
     tolerance = effective_tolerance(tolerance, settings.dtype_name)
     path = toy.config_path(config_path)
@@ -416,7 +428,7 @@ def run_modes(
     earlier = results_path(settings.results, SUITE, settings.variant, case_id)
     kept = list(load_results_file(earlier).records) if start and earlier.is_file() else []
     writer = ResultsWriter(settings.results, SUITE, settings.variant, case_id, record_order(modes))
-    if kept:  # a restarted child: the modes before ``start`` stay as recorded
+    if kept:  # a fresh worker resuming a case: the modes before ``start`` stay as recorded
         writer.file.records = kept
         writer.flush()
     records = []
@@ -495,6 +507,8 @@ def run_modes(
             _release(settings.device)
         writer.add(record)
         records.append(record)
+        if on_record is not None:
+            on_record(index, record)
     del truth
     truth_path.unlink(missing_ok=True)
     _release(settings.device)

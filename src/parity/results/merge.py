@@ -6,7 +6,8 @@
 Exit codes: 0 every comparison within tolerance; 1 a tolerance breach or a mode that raised;
 2 the evidence is incomplete or untrustworthy (missing or invalid records, a required variant that
 was skipped, a backend that did not actually run, a dead run, anchors that cannot be compared,
-evidence whose provenance does not check out: see :func:`provenance_problems`).
+evidence whose provenance does not check out: see :func:`provenance_problems`; under
+``--require VARIANT`` also any mode of that variant recorded skipped or unsupported).
 Code 2 wins over 1: a breach found on untrustworthy evidence still needs the evidence fixed first.
 ``summary.json`` carries the same verdict as words (``"verdict": "pass" | "breach" | "invalid"``)
 next to ``"exit_code"``, for CI that runs the merge through nox (which turns every failure into 1).
@@ -190,6 +191,7 @@ def merge(
             continue
         if ref is not None:
             references[(f.suite, f.model)].append((f.variant, ref))
+    _check_required_modes(report, files, require or [], cases)
     for (suite, model), refs in sorted(references.items()):
         try:
             _check_anchors(report, suite, model, refs)
@@ -231,6 +233,51 @@ def _check_manifests(
                     Row(m.suite, model, m.variant, "-", verdict="MISSING", detail="no results file")
                 )
                 report.fail(EXIT_INVALID, f"{m.suite}({m.variant}) {model}: no results were written{code}")
+
+
+def _check_required_modes(
+    report: Report, files: list[ResultsFile], require: list[str], cases: _RegistryView
+) -> None:
+    """``--require VARIANT``: every mode of that variant must have run, not only the variant.
+
+    The issue's rule: a backend the model does not support is recorded as unsupported and counts as
+    a skip, and ``--require`` turns it into a failure. That holds for a mode this machine cannot run
+    (``skipped``), for one transformers or a kernel refused while running (``unsupported``) and for one
+    the registry declares unsupported: each means the required variant's backend was not exercised
+    for that model, which is what ``--require`` exists to rule out on the machines where it must run.
+    A declared one says so, so the fix is clear (drop the model from the required run, or the
+    declaration from the registry). Exit 2, like a skipped required variant: the evidence is missing.
+    """
+    failing: list[str] = []
+    for f in files:
+        if f.variant not in require:
+            continue
+        case, _ = cases.case(f.model)
+        for rec in f.records:
+            if rec.get("status") not in ("skipped", "unsupported"):
+                continue
+            mode = rec["mode"]
+            declared = (
+                case.unsupported_reason(str(mode.get("attn_implementation")), mode.get("moe_implementation"))
+                if case is not None and rec["status"] == "unsupported"
+                else None
+            )
+            reason = " ".join(str(rec.get("reason") or "").split())
+            origin = " (declared in the registry)" if declared else ""
+            report.fail(
+                EXIT_INVALID,
+                f"{f.suite}({f.variant}) {f.model} mode {mode['id']}: {rec['status']}{origin} but "
+                f"--require {f.variant} needs every mode of {f.variant} to run: {reason}",
+            )
+            for row in report.rows:
+                if (row.suite, row.model, row.variant, row.mode) == (f.suite, f.model, f.variant, mode["id"]):
+                    row.detail = f"required (--require {f.variant}): {row.detail}"
+            failing.append(f"{f.model} {mode['id']} ({rec['status']})")
+    if failing:
+        report.fail(
+            EXIT_INVALID,
+            f"--require {', '.join(require)}: {len(failing)} mode(s) did not run: {'; '.join(failing)}",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +339,9 @@ def error_line(record: dict[str, Any]) -> str:
     if isinstance(cause, str) and cause.strip():
         return cause.strip().splitlines()[0]
     lines = [line.strip() for line in str(record.get("error") or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "raised (no error text)"
+    # a CUDA error's message ends with advice ("Compile with `TORCH_USE_CUDA_DSA` ..."): name the error
+    cuda = [line for line in lines if "CUDA error" in line]
+    return cuda[-1] if cuda else lines[-1] if lines else "raised (no error text)"
 
 
 def tolerance_ceiling(case: registry.Case, suite: str, dtype: str) -> Tolerance | None:
@@ -723,7 +772,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", action="append", help="only this suite (repeatable)")
     parser.add_argument("--models", nargs="+", help="only these model ids")
     parser.add_argument(
-        "--require", action="append", default=[], help="fail (exit 2) if this variant was skipped"
+        "--require",
+        action="append",
+        default=[],
+        help="fail (exit 2) if this variant was skipped, or any of its modes was skipped or unsupported",
     )
     parser.add_argument(
         "--detail",
