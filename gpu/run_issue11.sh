@@ -7,6 +7,9 @@
 #     stack, qwen3 sdpa ERROR "CUDA error: device-side assert triggered", the worker retired after each,
 #     every other mode of those models and of qwen3_moe / seed_oss (the models after them) REF/PASS/TRUTH.
 #   phase "all": every registry model, no plant, eager variant: the wall time of one variant session.
+#   phase "configs": the --config path on real-width configs nobody put in the registry (gpu/configs/*:
+#     a 1.9B llama, a 4096-wide qwen3, a 4096-wide mistral), eager variant: per-mode wall, build time,
+#     peak host and device memory, the weights created once per model (timings-configs.txt).
 # PHASES="plants all" runs both. Writes to $OUT: log-<phase>.txt, merge-<phase>.txt, summary.txt.
 set -u
 OUT=${OUT:-/tmp/issue11_out}
@@ -50,5 +53,33 @@ for p in $PHASES; do
         phase plants 240 llama qwen2 qwen3 qwen3_moe seed_oss ;;
     all)
       phase all 500 $("$PY" -c "from parity.results import registry; print(' '.join(registry.ids('patch')))") ;;
+    configs)
+      work=$(mktemp -d)
+      ids=$("$PY" - "$work" gpu/configs/*/config.json <<'PY'
+import sys
+from pathlib import Path
+from parity.results import registry
+cases = {}
+for raw in sys.argv[2:]:
+    case = registry.check_adhoc_config(raw)
+    cases[case.id] = case.config
+registry.write_adhoc(Path(sys.argv[1]), cases)
+print(" ".join(cases))
+PY
+)
+      PARITY_EXTRA_CASES=$work/.adhoc_cases.json phase configs "${CONFIGS_MAX_S:-150}" $ids
+      "$PY" - "$OUT/results-configs" <<'PY' | tee "$OUT/timings-configs.txt"
+import json, sys
+from pathlib import Path
+for f in sorted(Path(sys.argv[1]).glob("patch/eager/*.json")):
+    if f.name.startswith("_"):
+        continue
+    for r in json.loads(f.read_text()).get("records", []):
+        m, w = r.get("metrics") or {}, (r.get("inputs") or {}).get("weights") or {}
+        print(f"{f.stem:14} {r['mode']['id']:46} {r['status']:11} wall_s={m.get('wall_s')} "
+              f"build_s={m.get('build_s')} peak_host_gib={m.get('peak_host_gib')} "
+              f"peak_device_gib={m.get('peak_device_gib')} {w or ''}")
+PY
+      rm -rf "$work" ;;
   esac
 done

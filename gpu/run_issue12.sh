@@ -16,7 +16,7 @@
 #   e2e       nox --no-venv -s e2e -- $E2E_MODELS (text, MoE, VLM): on one GPU the sp1 layouts of
 #             every variant, compared across variants
 # Knobs: TOTAL_S (phase budget), BUILD_MAX_S (build phase limit, 400), FA3_TIMEOUT, FA2_TIMEOUT (compiler limits,
-# 300 s), BUILD_TARGETS ("fa3 fa2"), BUILT_ISOLATE=0 (the suites on the built wheels in one process per variant, to fit one call).
+# 300 s), ISOLATED_MAX_S (230), ISOLATED_REQUIRE (the --require options of the isolated run), BUILD_TARGETS ("fa3 fa2"), BUILT_ISOLATE=0 (the suites on the built wheels in one process per variant, to fit one call).
 # Outputs ($OUT, at most 8 files): summary.txt, <phase>.txt (key lines and merge tables), envs.txt
 # (per-env packages from the records' fingerprints), logs.tar.gz (full logs, results JSON, build logs).
 set -uo pipefail
@@ -66,7 +66,7 @@ for pth in sorted(glob.glob(".nox/*/lib/python*/site-packages/_parity_system_sit
     print(f"  {site.split('/')[1]:<14} {', '.join(own) or '(none)'}")
 PY
     for f in "$W"/*.txt; do [[ -e $f ]] && cp "$f" "$OUT/"; done
-    tar -czf "$OUT/logs.tar.gz" -C "$W" logs results \
+    tar -czf "$OUT/logs.tar.gz" --exclude=weights --exclude="*.pt" -C "$W" logs results \
         $(cd "$W" && ls -d wheelhouse-built/*.json wheelhouse-built/flash*.whl wheelhouse-built/logs 2>/dev/null) 2>/dev/null
     say "total wall ${SECONDS}s"
 }
@@ -113,9 +113,14 @@ if has isolated || has build; then  # a warm machine may still hold the novenv p
 fi
 
 if has isolated; then
-    run_phase isolated 230 env PARITY_SYSTEM_SITE=1 PARITY_WHEELHOUSE="$ROOT/.wheels" \
-        python3 -m nox -s patch -- --results "$W/results/isolated" --require fa2 --require fa3
+    run_phase isolated "${ISOLATED_MAX_S:-230}" env PARITY_SYSTEM_SITE=1 PARITY_WHEELHOUSE="$ROOT/.wheels" \
+        python3 -m nox -s patch -- --results "$W/results/isolated" ${ISOLATED_REQUIRE---require fa2 --require fa3}
     say "[isolated]   image after (must be unchanged): $(image_flash)"
+    # the same records held to --require: every fa2/fa3 mode recorded skipped or unsupported is named
+    PYTHONPATH=$ROOT/src timeout 60 python3 -m parity.merge --results "$W/results/isolated" \
+        --require fa2 --require fa3 > "$W/isolated-require.txt" 2>&1
+    say "[isolated]   merge --require fa2 --require fa3: exit $?; $(grep -ac 'require' "$W/isolated-require.txt") lines name a required mode"
+    grep -a 'require\|verdict=' "$W/isolated-require.txt" | cut -c1-300 | head -30 | sed 's/^/[isolated]     /' | tee -a "$SUM"
 fi
 
 if has plan; then
