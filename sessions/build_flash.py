@@ -256,6 +256,16 @@ def narrow_fa2(tree: Path, kernels: list[int], dtypes: list[str], defines: list[
         if commented not in text:
             raise NarrowError(f"{setup_py}: the commented nvcc flag {commented} is not there")
         text = text.replace(commented, f'"-D{define}",')
+    if defines:
+        # The switches must reach the host compiler too: flash_api.cpp holds the checks that refuse a
+        # disabled feature ("This flash attention build does not support softcap."). With them only in
+        # the nvcc flags (where FA2's setup.py lists them) the kernels drop the feature and the call
+        # succeeds: measured on an H200, gemma2 with softcap ran 40x past the allowed error, silently.
+        host = re.compile(r'^(\s*compiler_c17_flag\s*=\s*\["-O3", "-std=c\+\+17")\]', re.M)
+        if not host.search(text):
+            raise NarrowError(f"{setup_py}: no compiler_c17_flag list to give the host compiler {defines[0]}")
+        host_flags = "".join(f', "-D{d}"' for d in defines)
+        text = host.sub(lambda m: m.group(1) + host_flags + "]", text, count=1)
     setup_py.write_text(text)
 
     header = switch_h.read_text()
@@ -489,7 +499,12 @@ def make_plan(
         narrowing = (
             None
             if args.full
-            else {"head_dims": kernels, "dtypes": needs.dtypes, "defines": fa2_defines(needed)}
+            else {
+                "head_dims": kernels,
+                "dtypes": needs.dtypes,
+                "defines": fa2_defines(needed),
+                "host_defines": True,  # the switches reach flash_api.cpp too (older wheels: not)
+            }
         )
     plan = {
         "target": target.name,

@@ -328,6 +328,8 @@ SETUP_PY = """    nvcc_flags = [
     # "-DFLASHATTENTION_DISABLE_ALIBI",
     # "-DFLASHATTENTION_DISABLE_SOFTCAP",
     ]
+
+    compiler_c17_flag=["-O3", "-std=c++17"]
     sources=[
                 "csrc/flash_attn/flash_api.cpp",
 {files}            ],
@@ -378,6 +380,9 @@ def test_fa2_narrowing_keeps_only_the_kernel_files_and_dispatch_in_use(tmp_path)
     setup = (tree / "setup.py").read_text()
     assert "hdim64_bf16_causal_sm80.cu" in setup and "hdim64_fp16" not in setup and "hdim32" not in setup
     assert '    "-DFLASHATTENTION_DISABLE_DROPOUT",' in setup and '# "-D' not in setup
+    # the host compiler sees the switches too, so flash_api.cpp refuses a disabled feature
+    host = next(line for line in setup.splitlines() if "compiler_c17_flag=" in line)
+    assert all(f'"-D{d}"' in host for d in defines), host
     header = (tree / "csrc" / "flash_attn" / "src" / "static_switch.h").read_text()
     assert "kHeadDim = 64" in header and "kHeadDim = 32" not in header and "cutlass::half_t" not in header
     assert 'TORCH_CHECK(false, "this flash-attn build has head dims 64 only' in header
@@ -392,6 +397,9 @@ def test_fa2_narrowing_applies_to_the_pypi_sdist(tmp_path):
     tree = build_flash.unpack(target, VENDOR, tmp_path / "src")
     done = build_flash.narrow_fa2(tree, [64], ["bfloat16"], build_flash.fa2_defines(set()))
     assert (done["kernel_files"], done["left_out"]) == (6, 66)
+    setup = (tree / "setup.py").read_text().splitlines()
+    host = next(line for line in setup if "compiler_c17_flag=[" in line)
+    assert '"-DFLASHATTENTION_DISABLE_SOFTCAP"' in host, host
 
 
 def test_cached_wheel_is_found_by_its_key(tmp_path):

@@ -86,3 +86,42 @@ def test_bad_dtype_setting_is_rejected(monkeypatch, tmp_path):
     monkeypatch.setenv("PARITY_DTYPE", "float33")
     with pytest.raises(ValueError, match="not a torch dtype"):
         RunSettings.from_env(tmp_path)
+
+
+def _raise_from(filename: str) -> ImportError:
+    """An ImportError whose innermost frame is in ``filename`` (as transformers' loader raises it)."""
+    scope: dict = {}
+    source = "def load():\n    raise ImportError('`kernels` is either not installed')\n"
+    exec(compile(source, filename, "exec"), scope)
+    try:
+        scope["load"]()
+    except ImportError as exc:
+        return exc
+    raise AssertionError("unreachable")
+
+
+def test_hub_kernel_routing_at_build_is_unsupported_with_the_reason():
+    from parity.harness.patch_runner import classify, unsupported_reason
+
+    routed = _raise_from("/site-packages/transformers/integrations/hub_kernels.py")
+    assert classify(routed, "build") == ("unsupported", "model")
+    assert "hub kernel" in unsupported_reason(routed) and "`kernels`" in unsupported_reason(routed)
+    # control: the same ImportError from anywhere else stays the model's error, and outside build a tool's
+    elsewhere = _raise_from("/site-packages/transformers/modeling_utils.py")
+    assert classify(elsewhere, "build") == ("error", "model")
+    assert classify(routed, "inputs") == ("error", "harness")
+
+
+def test_failed_flash_load_mark_is_forgotten(monkeypatch):
+    """transformers marks a flash implementation loaded before loading it; a failed build must not keep it."""
+    from transformers import modeling_flash_attention_utils as fa_utils
+
+    monkeypatch.setattr(fa_utils, "_loaded_implementation", "kernels-community/some-kernel", raising=False)
+
+    def refuse(model, requested):
+        raise ImportError("`kernels` is either not installed")
+
+    monkeypatch.setattr(toy, "_apply_attn_implementation", refuse)
+    with pytest.raises(ImportError):
+        toy.build_model(QWEN3, attn_implementation="flash_attention_2")
+    assert fa_utils._loaded_implementation is None

@@ -200,6 +200,34 @@ class Phase:
         return self
 
 
+def routed_to_hub_kernel(exc: BaseException) -> bool:
+    """Whether transformers' hub-kernel loader raised this (``integrations/hub_kernels.py``).
+
+    For some models (gpt-oss: its sinks) transformers serves ``flash_attention_2/3`` from a kernel it
+    downloads through the ``kernels`` package, never from the installed flash library. Without that
+    package the build raises ImportError there: the model cannot run the installed kernel, which is
+    ``unsupported`` (with ``--require`` a failure), not an error in the model. Where the hub kernel
+    does load, the provider check fails the mode instead (a substituted kernel).
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).name == "hub_kernels.py":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def unsupported_reason(exc: BaseException) -> str:
+    """The reason an ``unsupported`` record carries: the exception, and where transformers sent it."""
+    reason = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ImportError) and routed_to_hub_kernel(exc):
+        reason = (
+            "transformers serves this model's flash attention from a hub kernel (the `kernels` package, "
+            f"downloaded at run time), not from the installed flash library: {reason}"
+        )
+    return reason
+
+
 def classify(exc: BaseException, phase: str) -> tuple[str, str]:
     """(status, error_kind) of an exception raised in ``phase``.
 
@@ -209,6 +237,8 @@ def classify(exc: BaseException, phase: str) -> tuple[str, str]:
     weights file, records) is the tool's: ``error`` with error_kind ``harness``, shown as TOOL-ERROR.
     """
     if isinstance(exc, NotImplementedError) and phase in ("build", "forward"):
+        return "unsupported", "model"
+    if phase == "build" and isinstance(exc, ImportError) and routed_to_hub_kernel(exc):
         return "unsupported", "model"
     if (
         phase == "build"
@@ -496,9 +526,7 @@ def run_modes(
             status, kind = classify(exc, phase.name)
             stack = traceback.format_exc()
             if status == "unsupported":
-                record = make_record(
-                    status=status, reason=f"{type(exc).__name__}: {exc}", error=stack, **common
-                )
+                record = make_record(status=status, reason=unsupported_reason(exc), error=stack, **common)
                 print(f"[parity]   UNSUPPORTED: {record['reason']}", flush=True)
             else:
                 record = make_record(status="error", error=stack, error_kind=kind, phase=phase.name, **common)

@@ -121,6 +121,23 @@ def _is_project_sdpa(name: Any, registry: Any) -> bool:
     return isinstance(name, str) and "sdpa" in name and name != "sdpa" and name in registry.valid_keys()
 
 
+def _forget_failed_flash_import() -> None:
+    """Undo the mark transformers leaves behind when loading a flash implementation failed.
+
+    ``lazy_import_flash_attention`` (5.17) records the implementation as loaded *before* importing it,
+    so after one failed load (gpt-oss: flash_attention_2 is routed to a hub kernel and the ``kernels``
+    package is missing) the next build in the same process passes validation with the hub kernel's
+    name and fails only in forward, with an unrelated KeyError. Measured on an H200: the second
+    gpt_oss FA2 mode failed that way. Forgetting the mark makes every build validate afresh.
+    """
+    try:
+        from transformers import modeling_flash_attention_utils as fa_utils
+    except ImportError:
+        return
+    if hasattr(fa_utils, "_loaded_implementation"):
+        fa_utils._loaded_implementation = None
+
+
 def _apply_attn_implementation(model: Any, requested: str | dict[str, str]) -> None:
     """Switch attention after the build; HF validates its own names, project flash names bypass it.
 
@@ -296,7 +313,11 @@ def build_model(
     finally:
         torch.set_default_dtype(previous_dtype)
 
-    _apply_attn_implementation(model, attn_implementation)
+    try:
+        _apply_attn_implementation(model, attn_implementation)
+    except Exception:
+        _forget_failed_flash_import()
+        raise
     if experts_implementation is not None:
         model.set_experts_implementation(experts_implementation)
 
