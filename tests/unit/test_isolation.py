@@ -88,6 +88,9 @@ def test_crash_hang_and_cuda_error_stay_in_their_mode(tmp_path, monkeypatch):
     llama = registry.read_json(tmp_path / "patch" / "eager" / "llama.json")
     crashed = next(r for r in llama["records"] if r["mode"]["id"] == "hf_attn-sdpa")
     assert "run_mode" in crashed["error"] and "Fatal Python error: Aborted" in crashed["error"]  # the stack
+    # the fresh worker recomputed the reference: the mode after the crash is still compared tensor by tensor
+    resumed = next(r for r in llama["records"] if r["mode"]["id"] == "parity_attn-parity_sdpa_with_sp")
+    assert resumed["evidence"]["against"] == "hf_attn-eager" and resumed["evidence"]["tensors"]
     qwen2 = registry.read_json(tmp_path / "patch" / "eager" / "qwen2.json")
     hung = next(r for r in qwen2["records"] if r["mode"]["id"] == "hf_attn-sdpa")
     assert "plants.py" in hung["error"] and "12 s" in hung["error"]  # the hung stack

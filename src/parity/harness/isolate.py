@@ -323,7 +323,7 @@ def run_case_isolated(
     Resumes at the mode after one that killed, hung or poisoned the worker, with a fresh worker; a
     passed model deadline records every mode not run as timed out and ends the case.
     """
-    from parity.harness.patch_runner import SEED, SUITE, record_order, truth_file
+    from parity.harness.patch_runner import SEED, SUITE, record_order
 
     config = registry.config_path(config_path)
     data = registry.read_json(config)
@@ -415,7 +415,6 @@ def run_case_isolated(
     except BaseException:  # KeyboardInterrupt (nox's Ctrl-C), pytest-timeout: never leave it running
         POOL.retire("previous case was interrupted")
         raise
-    truth_file(settings, case_id).unlink(missing_ok=True)  # kept for a resume; none is coming now
     return list(load_results_file(out).records) if out.is_file() else []
 
 

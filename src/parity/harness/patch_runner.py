@@ -373,11 +373,6 @@ def record_order(modes: list[ModelMode]) -> list[str]:
     return order
 
 
-def truth_file(settings: RunSettings, case_id: str) -> Path:
-    """The truth's tensors, kept for the modes that a fresh worker process still has to run."""
-    return results_path(settings.results, SUITE, settings.variant, case_id).with_name(f".{case_id}.truth.pt")
-
-
 def common_fields(
     case_id: str,
     mode: ModelMode,
@@ -464,9 +459,12 @@ def run_modes(
     records = []
     truth_id = modes[0].id if modes else None
     truth: evidence.Evidence | None = None
-    truth_path = truth_file(settings, case_id)
-    if start and truth_path.is_file():
-        truth = torch.load(truth_path, weights_only=False)
+    # A fresh worker resuming after a crash recomputes the truth (one mode) rather than reading it
+    # from disk: saving it for every case cost a write of every parameter's fp32 gradient (7.6 GB for a
+    # 1.9B model) to guard against a crash that rarely comes.
+    recompute_truth = bool(start) and any(
+        r["mode"]["id"] == truth_id and r["status"] == "ok" for r in kept
+    )
     state: dict[str, torch.Tensor] | None = None
     weights_info: dict[str, Any] = {}
     state_error: str | None = None
@@ -501,6 +499,11 @@ def run_modes(
                     wfile, config, seed=SEED, device=settings.device, store_dtype=settings.dtype
                 )
                 print(f"[parity]   weights {weights_info}", flush=True)
+            if recompute_truth:
+                recompute_truth = False
+                phase("truth")
+                _, truth = run_mode(config, modes[0], settings, state, Phase())
+                print(f"[parity]   {truth_id} recomputed for the modes after the crash", flush=True)
             ran, tensors = run_mode(config, mode, settings, state, phase)
             phase("records")
             extra: dict[str, Any] = {"inputs": ran["inputs"], "fingerprints": tensors.fingerprints()}
@@ -508,8 +511,6 @@ def run_modes(
                 extra["inputs"]["weights"], weights_info = weights_info, {}
             if mode.id == truth_id:
                 truth = tensors
-                if len(modes) > index + 1:
-                    torch.save(truth, truth_path)
             elif truth is not None:
                 extra["evidence"] = {"against": truth_id, **evidence.compare(tensors, truth)}
             del tensors
@@ -538,6 +539,5 @@ def run_modes(
         if on_record is not None:
             on_record(index, record)
     del truth
-    truth_path.unlink(missing_ok=True)
     _release(settings.device)
     return records
