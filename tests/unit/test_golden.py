@@ -35,6 +35,7 @@ def _record(mode_id: str, loss: float, grads: dict) -> dict:
         fingerprint=FP,
         metrics={"loss": loss, "grad_norm": 2.3},
         fingerprints={"logits": [5.0, 1.0, 2.0, 3.0], "grads": grads},
+        evidence={"against": "ref", "tensors": {}, "grad_missing": [], "grad_unexpected": []},
     )
 
 

@@ -347,3 +347,28 @@ def test_skipped_mode_is_shown_with_its_reason_but_a_skipped_reference_is_invali
     ref.update(status="skipped", reason="no", metrics={}, resolved={})
     folder.add_model(records=[ref, make_record("hf_attn-sdpa", "sdpa", None, 5.5, 1.2)])
     assert "reference mode hf_attn-eager was skipped" in problems(merge(folder.root))
+
+
+def test_a_patch_mode_without_per_tensor_evidence_fails():
+    """A patch mode compared on loss and grad norm alone (its evidence lost, e.g. a resumed worker that
+    had no truth) is a failure, even where both scalars agree; the same record with evidence passes."""
+    from parity.results.compare import record_failures
+
+    ref = make_record("hf_attn-eager", "eager", None, 5.5, 1.2)
+    other = make_record("hf_attn-sdpa", "sdpa", None, 5.5, 1.2)
+    assert record_failures([ref, other]) == []  # control
+    del other["evidence"]
+    problems = record_failures([ref, other])
+    expected = "hf_attn-sdpa: no per-tensor evidence against hf_attn-eager: "
+    expected += "compared on loss and grad norm only"
+    assert problems == [expected]
+
+
+def test_malformed_evidence_is_rejected_not_skipped():
+    from parity.results.compare import record_failures
+
+    ref = make_record("hf_attn-eager", "eager", None, 5.5, 1.2)
+    other = make_record("hf_attn-sdpa", "sdpa", None, 5.5, 1.2)
+    other["evidence"]["tensors"] = {"w": [0.1, "x", 1.0]}
+    (problem,) = record_failures([ref, other])
+    assert "malformed evidence: tensor 'w'" in problem

@@ -161,6 +161,34 @@ def _grad_total(truth: dict[str, Any] | None) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def evidence_shape_problem(ev: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a record's ``evidence`` (a hand-edited or truncated file), or None.
+
+    A malformed evidence block is a reason to reject the record, never a crash of the merge and never
+    a silently skipped comparison.
+    """
+    tensors = ev.get("tensors", {})
+    if not isinstance(tensors, dict):
+        return "'tensors' is not a mapping"
+    for name, values in tensors.items():
+        if not (isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)):
+            return f"tensor {name!r}: expected [relative error, max abs error, reference norm]"
+    for key in ("grad_missing", "grad_unexpected"):
+        names = ev.get(key, [])
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            return f"{key!r} is not a list of parameter names"
+    logits = ev.get("logits", {})
+    if not isinstance(logits, dict):
+        return "'logits' is not a mapping"
+    if not all(_is_number(logits[k]) for k in ("rel", "max_abs") if k in logits):
+        return "'logits' holds a value that is not a number"
+    return None
+
+
 def evidence_checks(
     record: dict[str, Any], noise: dict[str, Any] | None, truth: dict[str, Any] | None
 ) -> tuple[list[Check], list[str]]:
@@ -173,9 +201,12 @@ def evidence_checks(
     ev = record.get("evidence")
     if not isinstance(ev, dict):
         return [], []
+    malformed = evidence_shape_problem(ev)
+    if malformed:
+        return [], [f"malformed evidence: {malformed}"]
     rule = rule_for(record.get("fingerprint", {}).get("dtype", "float32"))
     noise_ev = (noise or {}).get("evidence") if rule.k > 0 and noise is not record else None
-    noise_ev = noise_ev if isinstance(noise_ev, dict) else {}
+    noise_ev = noise_ev if isinstance(noise_ev, dict) and not evidence_shape_problem(noise_ev) else {}
     total = _grad_total(truth)
     checks: list[Check] = []
     structural = []
@@ -340,6 +371,12 @@ def mode_evidence_problems(
         return (
             [f"no usable truth record to hold {rec['mode']['id']} against"] if "evidence" in rec else []
         ), None
+    has_evidence = isinstance(rec.get("evidence"), dict)
+    if rec.get("suite") == "patch" and rec.get("status") == "ok" and not has_evidence:
+        # every patch mode but the truth is compared tensor by tensor; one without evidence would
+        # pass on loss and grad norm alone (a resumed worker that lost the truth did exactly that)
+        against = truth["mode"]["id"]
+        return [f"no per-tensor evidence against {against}: compared on loss and grad norm only"], None
     checks, structural = evidence_checks(rec, ref, truth)
     problems = list(structural)
     for check in checks:
