@@ -61,6 +61,9 @@ def test_classify_reads_each_kind():
     assert (mismatch.kind, mismatch.last_unit) == ("mismatch", "model.visual.blocks.0")
     assert mismatch.sizes == (590848, 165248)
     assert classify(1, 1, RESET, TRACE_1).kind == "peer_lost"
+    # torchrun's SIGTERM reached rank 1 before gloo's reset did: still the lost peer, not an error
+    assert classify(1, -15, "  File \"<frozen runpy>\", line 198\n", TRACE_1).kind == "peer_lost"
+    assert classify(1, 1, "  File \"<frozen runpy>\", line 198\n", TRACE_1).kind == "error"  # control
     assert classify(1, 1, TIMEOUT, TRACE_1).kind == "timeout"
     assert classify(1, -9, "", TRACE_1, watchdog=True).source == "watchdog"
     assert classify(0, 0, "", TRACE_0 + "backward\nallreduce\ndone\n").kind == "finished"

@@ -118,6 +118,10 @@ def classify(rank: int, exitcode: int | None, log: str, trace: str, *, watchdog:
         return RankOutcome(rank, "timeout", exitcode, units, "alive at the deadline", source="watchdog")
     if line := _first_line(log, _PEER_LOST):
         return RankOutcome(rank, "peer_lost", exitcode, units, line)
+    if exitcode == -signal.SIGTERM and not done:
+        # torchrun tears the job down with SIGTERM once a rank failed; whether the peer saw the reset
+        # first (and logged it) is a race, so the signal itself says the peer was lost (CI saw both)
+        return RankOutcome(rank, "peer_lost", exitcode, units, "ended by SIGTERM after another rank failed")
     if exitcode == 0 and done:
         return RankOutcome(rank, "finished", exitcode, units, "finished the step")
     tail = [ln for ln in log.splitlines() if ln.strip()][-1:] or [f"exit code {exitcode}, empty log"]
