@@ -168,7 +168,7 @@ def registry_needs(target: Target, cases: list[registry.Case] | None = None) -> 
 
 def compute_dtypes() -> list[str]:
     """The suites' GPU dtype (bfloat16 unless PARITY_DTYPE asks for float16)."""
-    asked = settings.get("PARITY_DTYPE")
+    asked = settings.get(settings.DTYPE)
     return [asked] if asked in _DTYPE_SHORT else ["bfloat16"]
 
 

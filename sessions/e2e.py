@@ -19,6 +19,7 @@ import argparse
 
 import nox
 
+from parity import settings
 from parity.results import registry
 from sessions.suites import DEFAULT_TEST_TIMEOUT_S, node_id, run_suite
 from sessions.variants import ROOT
@@ -52,7 +53,7 @@ def per_run_timeout(posargs: list[str]) -> float:
 
 def run_e2e(session: nox.Session, variant_name: str) -> None:
     functions = case_functions()
-    session.env["PARITY_E2E_RUN_TIMEOUT_S"] = f"{per_run_timeout(session.posargs):g}"
+    session.env[settings.E2E_RUN_TIMEOUT_S] = f"{per_run_timeout(session.posargs):g}"
 
     def node_ids(models: list[str]) -> list[str]:
         return [node_id(E2E_TEST, functions[m], m) for m in models]

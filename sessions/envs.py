@@ -66,8 +66,8 @@ def uses_current_interpreter(session: nox.Session) -> bool:
 
 
 def system_site() -> bool:
-    """PARITY_SYSTEM_SITE: build variant envs on top of the packages of the interpreter running nox."""
-    return bool(settings.get("PARITY_SYSTEM_SITE"))
+    """``settings.SYSTEM_SITE``: build variant envs on top of the packages of the interpreter running nox."""
+    return bool(settings.get(settings.SYSTEM_SITE))
 
 
 def kind(session: nox.Session) -> str:
@@ -191,7 +191,8 @@ def _recreate(session: nox.Session) -> None:
     """An empty env at the same place: packages of an earlier install would shadow the image's."""
     venv = session.virtualenv
     if getattr(venv, "venv_backend", None) not in ("virtualenv", "venv", "uv"):
-        raise InstallFailed(f"PARITY_SYSTEM_SITE=1 needs a virtualenv/venv/uv env, not {type(venv).__name__}")
+        kind = type(venv).__name__
+        raise InstallFailed(f"{settings.SYSTEM_SITE}=1 needs a virtualenv/venv/uv env, not {kind}")
     session.log(f"recreating {venv.location}: it held packages of an earlier install")
     shutil.rmtree(venv.location)
     venv.create()
@@ -203,12 +204,12 @@ def _link_image(session: nox.Session) -> str:
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     if ".".join(env_python.split(".")[:2]) != here:
         raise InstallFailed(
-            f"PARITY_SYSTEM_SITE=1: the env's Python {env_python} is not the image's {here} "
+            f"{settings.SYSTEM_SITE}=1: the env's Python {env_python} is not the image's {here} "
             f"({sys.executable}); its compiled packages would not load"
         )
     dirs = image_site_dirs()
     if not dirs:
-        raise InstallFailed(f"PARITY_SYSTEM_SITE=1: {sys.executable} reports no site-packages folder")
+        raise InstallFailed(f"{settings.SYSTEM_SITE}=1: {sys.executable} reports no site-packages folder")
     (_site_packages(session) / PTH_NAME).write_text(pth_text(dirs))
     return ", ".join(dirs)
 
@@ -301,7 +302,7 @@ def prepare(
             missing = [n for n in IMAGE_REQUIRED if not facts.packages.get(n)]
             if missing:
                 raise InstallFailed(
-                    f"PARITY_SYSTEM_SITE=1: the image ({sys.executable}) lacks {', '.join(missing)}; "
+                    f"{settings.SYSTEM_SITE}=1: the image ({sys.executable}) lacks {', '.join(missing)}; "
                     "the variant envs take those from it (run nox with the image's python: python3 -m nox)"
                 )
         for dist in flash:

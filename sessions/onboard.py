@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nox
 
+from parity import settings
 from parity.results import registry
 from sessions import envs
 from sessions.suites import DEFAULT_RESULTS, _env, run_command
@@ -32,7 +33,7 @@ __all__ = ["checklist_sessions", "run_checklist", "run_new_model"]
 def _prepare(session: nox.Session) -> dict[str, str]:
     session.log(envs.prepare(session, [envs.variant_requirements("eager")]))
     env = _env(DEFAULT_RESULTS, "eager")
-    env.pop("PARITY_RESULTS")
+    env.pop(settings.RESULTS)
     return env
 
 

@@ -105,7 +105,7 @@ def _skip(session: nox.Session, manifest: RunManifest, results: Path, reason: st
 
 def _env(results: Path, variant: str) -> dict[str, str]:
     return {
-        **settings.child_env(PARITY_VARIANT=variant, PARITY_RESULTS=results),
+        **settings.child_env({settings.VARIANT: variant, settings.RESULTS: results}),
         # extended, not replaced: packages a user put on PYTHONPATH stay visible to the suites
         "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), str(ROOT), os.environ.get("PYTHONPATH")) if p),
         "HF_HUB_OFFLINE": "1",
@@ -172,10 +172,12 @@ def run_suite(
         check = [envs.python(session), "-m", "parity.results.registry", *map(str, args.adhoc.values())]
         if run_command(session, check, env) != 0:
             raise SystemExit(2)  # the env's transformers rejects a --config (message printed above)
-        env |= settings.child_env(PARITY_EXTRA_CASES=registry.write_adhoc(args.results, args.adhoc))
+        env |= settings.child_env({settings.EXTRA_CASES: registry.write_adhoc(args.results, args.adhoc)})
     env |= settings.child_env(
-        PARITY_MODE_TIMEOUT_S=f"{args.mode_timeout:g}" if args.mode_timeout else None,
-        PARITY_MODEL_TIMEOUT_S=f"{args.timeout:g}" if args.timeout != DEFAULT_TEST_TIMEOUT_S else None,
+        {
+            settings.MODE_TIMEOUT_S: f"{args.mode_timeout:g}" if args.mode_timeout else None,
+            settings.MODEL_TIMEOUT_S: f"{args.timeout:g}" if args.timeout != DEFAULT_TEST_TIMEOUT_S else None,
+        }
     )
     ok, info = probe_variant(session, variant, env)
     session.log("probe: " + json.dumps(info, sort_keys=True))
@@ -274,7 +276,7 @@ def run_tests(session: nox.Session) -> None:
     requirements = [envs.variant_requirements("eager"), envs.variant_requirements("dev")]
     session.log(envs.prepare(session, requirements, system_site_ok=False))
     env = _env(Path(session.create_tmp()) / "results", "eager")
-    env.pop("PARITY_RESULTS")
+    env.pop(settings.RESULTS)
     # First, so a --junitxml among the user's arguments wins (pytest keeps the last one).
     junit = f"--junitxml={junit_path(DEFAULT_RESULTS, session.name)}"
     with session.chdir(ROOT):
@@ -295,7 +297,7 @@ def run_mutations(session: nox.Session) -> None:
     """The planted-bug matrix in the eager variant's env (torch + transformers, no kernels needed)."""
     session.log(envs.prepare(session, [envs.variant_requirements("eager")]))
     env = _env(Path(session.create_tmp()) / "results", "eager")
-    env.pop("PARITY_RESULTS")
+    env.pop(settings.RESULTS)
     with session.chdir(ROOT):
         session.run(
             envs.python(session),

@@ -53,13 +53,13 @@ try:
     out["torch"], out["cuda"] = torch.__version__, torch.version.cuda
 except Exception as exc:
     out["torch"], out["cuda"], out["torch_error"] = None, None, "%s: %s" % (type(exc).__name__, exc)
-print("PARITY_FACTS " + json.dumps(out))
+print("parity-env-facts " + json.dumps(out))
 """
 
 
 def location() -> Path:
     """The wheelhouse folder (``PARITY_WHEELHOUSE``, default ``.nox/wheelhouse``)."""
-    return (settings.get("PARITY_WHEELHOUSE") or DEFAULT).resolve()
+    return (settings.get(settings.WHEELHOUSE) or DEFAULT).resolve()
 
 
 def local_find_links() -> list[Path]:
@@ -121,11 +121,11 @@ class EnvFacts:
 
 
 def parse_facts(output: str, gpu_arch: str | None) -> EnvFacts:
-    """The facts from :data:`FACTS_SCRIPT`'s output (the last ``PARITY_FACTS`` line)."""
-    lines = [line for line in output.splitlines() if line.startswith("PARITY_FACTS ")]
+    """The facts from :data:`FACTS_SCRIPT`'s output (the last ``parity-env-facts`` line)."""
+    lines = [line for line in output.splitlines() if line.startswith("parity-env-facts ")]
     if not lines:
         raise ValueError(f"the env printed no facts:\n{output}")
-    return EnvFacts.from_json(json.loads(lines[-1].removeprefix("PARITY_FACTS ")), gpu_arch)
+    return EnvFacts.from_json(json.loads(lines[-1].removeprefix("parity-env-facts ")), gpu_arch)
 
 
 @dataclass(frozen=True)

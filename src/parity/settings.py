@@ -13,6 +13,7 @@ imports torch only when called.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,24 +35,51 @@ class Setting:
     who: str  # "user" (set it yourself) or "internal" (set by the sessions/launcher for children)
 
 
+#: The variables' names, the only place they are spelled: every other module refers to these
+#: constants, so a misspelt name is an AttributeError at import, not a variable nothing reads.
+RESULTS = "PARITY_RESULTS"
+VARIANT = "PARITY_VARIANT"
+DEVICE = "PARITY_DEVICE"
+DTYPE = "PARITY_DTYPE"
+NPROC = "PARITY_NPROC"
+E2E_ATTN = "PARITY_E2E_ATTN"
+E2E_RUN_TIMEOUT_S = "PARITY_E2E_RUN_TIMEOUT_S"
+E2E_HANG_TIMEOUT_S = "PARITY_E2E_HANG_TIMEOUT_S"
+E2E_HANG_PG_TIMEOUT_S = "PARITY_E2E_HANG_PG_TIMEOUT_S"
+DUMMY_FORWARD_CASE_TIMEOUT_S = "PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S"
+DISABLE_DUMMY_FORWARD = "PARITY_DISABLE_DUMMY_FORWARD"
+FAULT = "PARITY_FAULT"
+ATTN_ALLOW_SDPA_FALLBACK = "PARITY_ATTN_ALLOW_SDPA_FALLBACK"
+SYSTEM_SITE = "PARITY_SYSTEM_SITE"
+WHEELHOUSE = "PARITY_WHEELHOUSE"
+TOY_CONFIG_ROOT = "PARITY_TOY_CONFIG_ROOT"
+EXTRA_CASES = "PARITY_EXTRA_CASES"
+ISOLATE = "PARITY_ISOLATE"
+MODE_TIMEOUT_S = "PARITY_MODE_TIMEOUT_S"
+MODEL_TIMEOUT_S = "PARITY_MODEL_TIMEOUT_S"
+PG_TIMEOUT_S = "PARITY_PG_TIMEOUT_S"
+RANK_TIMEOUT_S = "PARITY_RANK_TIMEOUT_S"
+STACK_DIR = "PARITY_STACK_DIR"
+LAUNCH_ID = "PARITY_LAUNCH_ID"
+
 _ALL = (
-    Setting("PARITY_RESULTS", "path", None, "results folder a suite writes its records into", "internal"),
+    Setting(RESULTS, "path", None, "results folder a suite writes its records into", "internal"),
     Setting(
-        "PARITY_VARIANT", "str", "eager", "backend variant this process runs (eager, fa2, fa3)", "internal"
+        VARIANT, "str", "eager", "backend variant this process runs (eager, fa2, fa3)", "internal"
     ),
     Setting(
-        "PARITY_DEVICE",
+        DEVICE,
         "str",
         None,
         "device the suites run on (default: cuda when torch sees a GPU, else cpu)",
         "user",
     ),
-    Setting("PARITY_DTYPE", "str", None, "compute dtype (default: bfloat16 on cuda, float32 on cpu)", "user"),
+    Setting(DTYPE, "str", None, "compute dtype (default: bfloat16 on cuda, float32 on cpu)", "user"),
     Setting(
-        "PARITY_NPROC", "int", None, "ranks per e2e training run (default: GPUs visible, or 2 on CPU)", "user"
+        NPROC, "int", None, "ranks per e2e training run (default: GPUs visible, or 2 on CPU)", "user"
     ),
     Setting(
-        "PARITY_E2E_ATTN",
+        E2E_ATTN,
         "str",
         None,
         "attention backend of the e2e trainings (default: parity_sdpa_with_sp on CPU, the variant's flash "
@@ -59,21 +87,21 @@ _ALL = (
         "user",
     ),
     Setting(
-        "PARITY_E2E_RUN_TIMEOUT_S",
+        E2E_RUN_TIMEOUT_S,
         "float",
         "300",
         "watchdog of one e2e training run (the e2e session sets it from --timeout)",
         "internal",
     ),
     Setting(
-        "PARITY_E2E_HANG_TIMEOUT_S",
+        E2E_HANG_TIMEOUT_S,
         "float",
         "120",
         "watchdog of the planted-hang control (a backstop, counted from the launch)",
         "user",
     ),
     Setting(
-        "PARITY_E2E_HANG_PG_TIMEOUT_S",
+        E2E_HANG_PG_TIMEOUT_S,
         "float",
         "10",
         "process-group timeout of the planted-hang control: the collective layer must report the hang, "
@@ -81,21 +109,21 @@ _ALL = (
         "user",
     ),
     Setting(
-        "PARITY_DUMMY_FORWARD_CASE_TIMEOUT_S",
+        DUMMY_FORWARD_CASE_TIMEOUT_S,
         "float",
         None,
         "per-case deadline inside the shared dummy_forward job",
         "user",
     ),
     Setting(
-        "PARITY_DISABLE_DUMMY_FORWARD",
+        DISABLE_DUMMY_FORWARD,
         "bool",
         "0",
         "turn the dummy_forward hook off (the negative control: the asymmetric job must then fail)",
         "user",
     ),
     Setting(
-        "PARITY_FAULT",
+        FAULT,
         "list",
         "",
         "planted faults for negative controls: names from parity.harness.faults or module:function "
@@ -103,7 +131,7 @@ _ALL = (
         "user",
     ),
     Setting(
-        "PARITY_ATTN_ALLOW_SDPA_FALLBACK",
+        ATTN_ALLOW_SDPA_FALLBACK,
         "bool",
         "0",
         "let parity's flash backends run sdpa where no flash kernel can (recorded as a fallback, which "
@@ -111,7 +139,7 @@ _ALL = (
         "user",
     ),
     Setting(
-        "PARITY_SYSTEM_SITE",
+        SYSTEM_SITE,
         "bool",
         "0",
         "build each variant's env on top of the packages of the interpreter running nox (GPU images: "
@@ -120,7 +148,7 @@ _ALL = (
         "user",
     ),
     Setting(
-        "PARITY_WHEELHOUSE",
+        WHEELHOUSE,
         "path",
         None,
         "folder of prebuilt wheels every variant env takes its flash packages from first, and where "
@@ -128,14 +156,14 @@ _ALL = (
         "user",
     ),
     Setting(
-        "PARITY_TOY_CONFIG_ROOT",
+        TOY_CONFIG_ROOT,
         "path",
         None,
         "folder of <id>_toy/config.json toy configs (default: the repo's toy_config/)",
         "user",
     ),
     Setting(
-        "PARITY_EXTRA_CASES",
+        EXTRA_CASES,
         "path",
         None,
         "JSON file of ad-hoc cases (`--config` entries: id -> config path) that the registry adds to its "
@@ -143,7 +171,7 @@ _ALL = (
         "internal",
     ),
     Setting(
-        "PARITY_ISOLATE",
+        ISOLATE,
         "bool",
         "1",
         "run the patch modes in a persistent worker process (started once per session, replaced after a "
@@ -152,7 +180,7 @@ _ALL = (
         "user",
     ),
     Setting(
-        "PARITY_MODE_TIMEOUT_S",
+        MODE_TIMEOUT_S,
         "float",
         None,
         "deadline of one patch mode in the worker (default: 120 s + 60 s per billion parameters on a GPU, "
@@ -160,35 +188,35 @@ _ALL = (
         "user",
     ),
     Setting(
-        "PARITY_MODEL_TIMEOUT_S",
+        MODEL_TIMEOUT_S,
         "float",
         None,
         "deadline of one model's patch modes (default: the mode timeout x (modes + 1)); `--timeout` sets it",
         "user",
     ),
     Setting(
-        "PARITY_PG_TIMEOUT_S",
+        PG_TIMEOUT_S,
         "float",
         "300",
         "process-group timeout of a rank (the launcher sets it)",
         "internal",
     ),
     Setting(
-        "PARITY_RANK_TIMEOUT_S",
+        RANK_TIMEOUT_S,
         "float",
         None,
         "self-destruct deadline of a rank, with a stack dump (the launcher sets it)",
         "internal",
     ),
     Setting(
-        "PARITY_STACK_DIR",
+        STACK_DIR,
         "path",
         None,
         "where each rank writes its stack dumps (the launcher sets it)",
         "internal",
     ),
     Setting(
-        "PARITY_LAUNCH_ID", "str", None, "tags every process of one launch for the orphan sweep", "internal"
+        LAUNCH_ID, "str", None, "tags every process of one launch for the orphan sweep", "internal"
     ),
 )
 
@@ -246,9 +274,11 @@ def declared(name: str) -> str:
     return name
 
 
-def child_env(**values: object) -> dict[str, str]:
-    """PARITY_* variables for a child process, each name checked by :func:`declared`; None is left out."""
-    return {declared(name): str(value) for name, value in values.items() if value is not None}
+def child_env(values: Mapping[str, object] | None = None, **named: object) -> dict[str, str]:
+    """PARITY_* variables for a child process, keyed by the constants above (or by name as keywords),
+    each name checked by :func:`declared`; None is left out."""
+    merged = {**(values or {}), **named}
+    return {declared(name): str(value) for name, value in merged.items() if value is not None}
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from parity import settings
 from parity.backend.kernel_log import KernelLog
 from parity.backend.parallel_state import get_sp_group
 from parity.backend.ulysses import (
@@ -66,7 +67,7 @@ BACKENDS = (PARITY_SDPA, PARITY_FA2, PARITY_FA3)
 # Opt-in escape hatch: let the flash names run the sdpa kernel when no flash kernel can run here
 # (CPU, fp32). Off by default because that is exactly the silent fallback the suites must catch;
 # when used, the provider is recorded as "torch.sdpa[fallback]".
-ENV_ALLOW_FALLBACK = "PARITY_ATTN_ALLOW_SDPA_FALLBACK"
+ENV_ALLOW_FALLBACK = settings.ATTN_ALLOW_SDPA_FALLBACK
 
 # Modules with this attribute set to True never take the Ulysses path (e.g. a vision tower whose
 # inputs the caller did not shard over sp).
@@ -586,8 +587,6 @@ def _device_problems(q: torch.Tensor) -> list[str]:
 
 
 def _fallback_allowed() -> bool:
-    from parity import settings
-
     return bool(settings.get(ENV_ALLOW_FALLBACK))
 
 

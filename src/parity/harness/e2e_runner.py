@@ -43,14 +43,15 @@ MOE_IMPLEMENTATION = "fused"
 SRC = REPO_ROOT / "src"
 
 
-def child_env(**extra: str) -> dict[str, str]:
+def child_env(parity: dict[str, object] | None = None, **extra: str) -> dict[str, str]:
     """Environment of a training run: ``src`` (and the repo, for test-side plants) in front of the
-    caller's PYTHONPATH, one thread a rank."""
+    caller's PYTHONPATH, one thread a rank, the ``parity`` settings (and any PARITY_* keyword) checked
+    by :func:`parity.settings.child_env`."""
     pythonpath = os.pathsep.join(p for p in (str(SRC), str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    for name in extra:
-        if name.startswith("PARITY_"):
-            parity_settings.declared(name)
-    return {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **extra}
+    named = {k: v for k, v in extra.items() if k.startswith("PARITY_")}
+    others = {k: v for k, v in extra.items() if k not in named}
+    checked = parity_settings.child_env(parity, **named)
+    return {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **others, **checked}
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,10 @@ class E2ESettings:
     @classmethod
     def from_env(cls, default_results: Path) -> E2ESettings:
         run = RunSettings.from_env(default_results)
-        nproc = parity_settings.get("PARITY_NPROC")
+        nproc = parity_settings.get(parity_settings.NPROC)
         if nproc is None:
             nproc = torch.cuda.device_count() if run.device.type == "cuda" else 2
-        attn = parity_settings.get("PARITY_E2E_ATTN")
+        attn = parity_settings.get(parity_settings.E2E_ATTN)
         if not attn:  # CPU: the sdpa-based backend; GPU: the variant's flash backend
             attn = PARITY_ATTENTION[run.variant][-1] if run.device.type == "cuda" else "parity_sdpa_with_sp"
         return cls(run=run, nproc=nproc, attn=attn)
@@ -168,7 +169,7 @@ def _launch_args(settings: E2ESettings, todo: list[Layout], root: Path) -> list[
             args += [f"--{name.replace('_', '-')}", str(value)]
         return args
     entries = [_train_args(settings, t.config, t.mode, t.out) for t in todo]
-    plan = {"runs": entries, "run_timeout_s": parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S")}
+    plan = {"runs": entries, "run_timeout_s": parity_settings.get(parity_settings.E2E_RUN_TIMEOUT_S)}
     plan_file = root / "plan.json"
     plan_file.write_text(json.dumps(plan, indent=2))
     return ["-m", "parity.train", "--plan", str(plan_file)]
@@ -208,9 +209,9 @@ def train_layouts(
         result = launch(
             _launch_args(settings, todo, root),
             nproc=settings.nproc,
-            timeout_s=parity_settings.get("PARITY_E2E_RUN_TIMEOUT_S") * len(todo),
+            timeout_s=parity_settings.get(parity_settings.E2E_RUN_TIMEOUT_S) * len(todo),
             log_dir=root / "logs",
-            env=child_env(PARITY_FAULT=fault),
+            env=child_env({parity_settings.FAULT: fault}),
         )
         failed: Layout | None = None
         for item in todo:

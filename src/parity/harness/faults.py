@@ -19,6 +19,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from parity import settings
+
 
 class FaultError(ValueError):
     """A fault name that is neither known nor an importable ``module:function``."""
@@ -180,11 +182,11 @@ def install(names: list[str]) -> list[str]:
         module_name, sep, function = name.partition(":")
         if not sep:
             raise FaultError(
-                f"PARITY_FAULT: unknown fault {name!r}; known: {', '.join(FAULTS)} or module:function"
+                f"{settings.FAULT}: unknown fault {name!r}; known: {', '.join(FAULTS)} or module:function"
             )
         try:
             fn = getattr(importlib.import_module(module_name), function)
         except (ImportError, AttributeError) as exc:
-            raise FaultError(f"PARITY_FAULT: cannot load {name!r}: {exc}") from exc
+            raise FaultError(f"{settings.FAULT}: cannot load {name!r}: {exc}") from exc
         fn()
     return list(names)

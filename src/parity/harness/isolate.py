@@ -95,7 +95,7 @@ def estimate_parameters(data: dict[str, Any]) -> float:
 
 def mode_timeout_s(data: dict[str, Any], device_type: str) -> float:
     """``PARITY_MODE_TIMEOUT_S``, or scaled with the model's size (a 2B model on an H200: 240 s)."""
-    explicit = parity_settings.get("PARITY_MODE_TIMEOUT_S")
+    explicit = parity_settings.get(parity_settings.MODE_TIMEOUT_S)
     if explicit:
         return float(explicit)
     per_billion = 60.0 if device_type == "cuda" else 600.0
@@ -104,16 +104,18 @@ def mode_timeout_s(data: dict[str, Any], device_type: str) -> float:
 
 def model_timeout_s(mode_timeout: float, n_modes: int) -> float:
     """``PARITY_MODEL_TIMEOUT_S``, or one mode timeout per mode plus one (the weights, the imports)."""
-    explicit = parity_settings.get("PARITY_MODEL_TIMEOUT_S")
+    explicit = parity_settings.get(parity_settings.MODEL_TIMEOUT_S)
     return float(explicit) if explicit else mode_timeout * (n_modes + 1)
 
 
 def _describe_exit(code: int | None, killed_for_time: bool, log: str, mode_timeout: float) -> tuple[str, str]:
     """(one line saying what ended the worker, error_kind)."""
     if killed_for_time:
-        return "the model's deadline passed (PARITY_MODEL_TIMEOUT_S); the worker was killed", "timeout"
+        limit = parity_settings.MODEL_TIMEOUT_S
+        return f"the model's deadline passed ({limit}); the worker was killed", "timeout"
     if _TIMEOUT_MARK in log:
-        return f"the mode ran past its timeout of {mode_timeout:g} s (PARITY_MODE_TIMEOUT_S)", "timeout"
+        limit = parity_settings.MODE_TIMEOUT_S
+        return f"the mode ran past its timeout of {mode_timeout:g} s ({limit})", "timeout"
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         return f"the worker process died of signal {name}", "crash"
@@ -337,10 +339,12 @@ def run_case_isolated(
     env = {
         **{k: v for k, v in os.environ.items() if k not in VOLATILE_ENV},
         **parity_settings.child_env(
-            PARITY_RESULTS=settings.results,
-            PARITY_VARIANT=settings.variant,
-            PARITY_DEVICE=settings.device,
-            PARITY_DTYPE=settings.dtype_name,
+            {
+                parity_settings.RESULTS: settings.results,
+                parity_settings.VARIANT: settings.variant,
+                parity_settings.DEVICE: settings.device,
+                parity_settings.DTYPE: settings.dtype_name,
+            }
         ),
     }
     spec_base = {
@@ -534,7 +538,7 @@ def serve(parent_pid: int, reply_fd: int) -> int:
     faulthandler.enable(file=sys.stderr, all_threads=True)
     from parity.harness import faults, patch_runner  # noqa: F401 - torch and transformers, once
 
-    faults.install(parity_settings.get("PARITY_FAULT"))
+    faults.install(parity_settings.get(parity_settings.FAULT))
     reply = os.fdopen(reply_fd, "w", buffering=1)
     while True:
         line = sys.stdin.readline()

@@ -79,10 +79,10 @@ EXIT_CRASH = 1
 EXIT_TIMEOUT = 124
 
 # What the launcher tells its ranks (declared with the others in parity.settings).
-ENV_PG_TIMEOUT = settings.declared("PARITY_PG_TIMEOUT_S")
-ENV_STACK_DIR = settings.declared("PARITY_STACK_DIR")
-ENV_RANK_TIMEOUT = settings.declared("PARITY_RANK_TIMEOUT_S")
-ENV_LAUNCH_ID = settings.declared("PARITY_LAUNCH_ID")
+ENV_PG_TIMEOUT = settings.PG_TIMEOUT_S
+ENV_STACK_DIR = settings.STACK_DIR
+ENV_RANK_TIMEOUT = settings.RANK_TIMEOUT_S
+ENV_LAUNCH_ID = settings.LAUNCH_ID
 
 # The collective layer should fail well before the watchdog, leaving time for the failing rank to
 # print its error and for torchrun to tear the rest down on its own.
@@ -314,7 +314,7 @@ def launch(
 
     ``script_or_module_args`` is what follows torchrun's own options: ``["train.py", "--lr", "1"]``
     or ``["-m", "pkg.module", ...]``. ``env`` overrides both the inherited environment and the
-    launcher's defaults (e.g. ``{"PARITY_PG_TIMEOUT_S": "600"}``). Returns instead of raising for
+    launcher's defaults (e.g. ``{settings.PG_TIMEOUT_S: "600"}``). Returns instead of raising for
     crashes and timeouts; re-raises KeyboardInterrupt and other exceptions after cleaning up.
     """
     log_dir = Path(log_dir).resolve()

@@ -49,8 +49,8 @@ class RunSettings:
     @classmethod
     def from_env(cls, default_results: Path) -> RunSettings:
         device, dtype = parity_settings.device_and_dtype()
-        results = parity_settings.get("PARITY_RESULTS") or Path(default_results)
-        return cls(parity_settings.get("PARITY_VARIANT"), device, dtype, results)
+        results = parity_settings.get(parity_settings.RESULTS) or Path(default_results)
+        return cls(parity_settings.get(parity_settings.VARIANT), device, dtype, results)
 
     @property
     def dtype_name(self) -> str:
@@ -420,7 +420,7 @@ def run_case(
     """
     planned = plan_modes(modes, settings)
     if isolate is None:
-        isolate = bool(parity_settings.get("PARITY_ISOLATE"))
+        isolate = bool(parity_settings.get(parity_settings.ISOLATE))
     if isolate:
         from parity.harness import isolate as isolation
 

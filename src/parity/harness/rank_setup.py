@@ -51,7 +51,7 @@ def _install_stack_dumps(rank: int) -> None:
     attribute each stack to a rank after the fact.
     """
     global _stack_file
-    stack_dir_env = settings.get("PARITY_STACK_DIR")
+    stack_dir_env = settings.get(settings.STACK_DIR)
     if stack_dir_env:
         stack_dir = Path(stack_dir_env)
         stack_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def _install_stack_dumps(rank: int) -> None:
     # SIGTERM would), so a collective mismatch reports every rank's stack, not only the one that raised.
     faulthandler.register(signal.SIGTERM, file=out, all_threads=True, chain=True)
 
-    rank_timeout = settings.get("PARITY_RANK_TIMEOUT_S")
+    rank_timeout = settings.get(settings.RANK_TIMEOUT_S)
     if rank_timeout:
         faulthandler.dump_traceback_later(float(rank_timeout), exit=True, file=out)
 
@@ -92,14 +92,14 @@ def init_rank(*, backend: str | None = None) -> tuple[int, int]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     _install_stack_dumps(rank)
-    faults.install(settings.get("PARITY_FAULT"))  # negative controls: patch the code under test
+    faults.install(settings.get(settings.FAULT))  # negative controls: patch the code under test
 
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
 
-    pg_timeout_s = settings.get("PARITY_PG_TIMEOUT_S")
+    pg_timeout_s = settings.get(settings.PG_TIMEOUT_S)
     dist.init_process_group(
         backend=backend,
         rank=rank,

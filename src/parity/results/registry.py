@@ -75,7 +75,7 @@ class RegistryError(ValueError):
 
 def toy_root() -> Path:
     """Re-read on every call so tests and sessions can point at another tree late."""
-    return settings.get("PARITY_TOY_CONFIG_ROOT") or REPO_ROOT / "toy_config"
+    return settings.get(settings.TOY_CONFIG_ROOT) or REPO_ROOT / "toy_config"
 
 
 def known_models() -> list[str]:
@@ -339,7 +339,7 @@ def write_adhoc(results: Path, configs: dict[str, Path]) -> Path:
 
 def extra_cases() -> list[Case]:
     """The ``--config`` cases named in ``PARITY_EXTRA_CASES``: default tolerances, facts from the config."""
-    path = settings.get("PARITY_EXTRA_CASES")
+    path = settings.get(settings.EXTRA_CASES)
     return adhoc_cases(Path(path)) if path else []
 
 

@@ -131,7 +131,7 @@ def finish(tag: str, rank: int, results: list[CaseResult], out: Path | None) -> 
     """Print one line per case and comparison, write JSON, return the process exit code."""
     from parity.backend import attention, moe
 
-    fault = ",".join(settings.get("PARITY_FAULT"))
+    fault = ",".join(settings.get(settings.FAULT))
     providers = {"attention": attention.kernel_providers_used(), "experts": moe.kernel_providers_used()}
     print(
         f"[{tag}] rank={rank} backend={SETTINGS.backend} dtype={SETTINGS.dtype} device={SETTINGS.device} "

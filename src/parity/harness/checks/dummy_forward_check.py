@@ -511,7 +511,7 @@ def _run_rank(
     )
     if case.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    enabled = not settings.get("PARITY_DISABLE_DUMMY_FORWARD")
+    enabled = not settings.get(settings.DISABLE_DUMMY_FORWARD)
     hooks = enable_dummy_forward(model, enabled=enabled)
     # Hook off (the launch-level negative control): say which FSDP unit each collective is for.
     trace = None if enabled else (lambda unit: print(f"[{TAG}] rank={rank} enter {unit}", flush=True))
@@ -628,7 +628,7 @@ def _records(summary: dict[str, Any], case: Case, device: torch.device, dtype: t
     base = {
         "suite": "dummy_forward",
         "model": case.id,
-        "variant": settings.get("PARITY_VARIANT"),
+        "variant": settings.get(settings.VARIANT),
         "tolerance": summary["tolerance"],
         "fingerprint": fp,
         "expected_steps": summary["steps"],
@@ -761,7 +761,7 @@ def _arm_case_deadline(seconds: float | None, rank: int) -> None:
     """
     if not seconds:
         return
-    stack_dir = settings.get("PARITY_STACK_DIR")
+    stack_dir = settings.get(settings.STACK_DIR)
     out = sys.stderr
     if stack_dir:
         global _deadline_file
@@ -837,7 +837,7 @@ def _use_gpus() -> bool:
 
     Two ranks on one GPU would need NCCL to share a device; the CPU run checks the same thing.
     """
-    if (settings.get("PARITY_DEVICE") or "").startswith("cpu") or not torch.cuda.is_available():
+    if (settings.get(settings.DEVICE) or "").startswith("cpu") or not torch.cuda.is_available():
         return False
     return torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
