@@ -765,46 +765,15 @@ def parity_attention_forward(
         cu_seq_lens=cu_seq_lens_q,
         max_length=max_length_q,
     )
-    if varlen_fn is None and (softcap is not None or s_aux is not None):
+    common: dict[str, Any] = {"causal": causal, "scale": scale, "dropout": dropout, "window": sliding_window}
+    if varlen_fn is not None:
+        out = _run_varlen(varlen_fn, query, key, value, packing, softcap=softcap, provider=provider, **common)
+    elif softcap is not None or s_aux is not None:  # sdpa has neither: the explicit math path
         out = _math_kernel(
-            query,
-            key,
-            value,
-            packing,
-            causal=causal,
-            scale=scale,
-            dropout=dropout,
-            window=sliding_window,
-            dense_mask=dense_mask,
-            softcap=softcap,
-            sinks=s_aux,
-        )
-    elif varlen_fn is None:
-        out = _sdpa_kernel(
-            query,
-            key,
-            value,
-            packing,
-            causal=causal,
-            scale=scale,
-            dropout=dropout,
-            window=sliding_window,
-            dense_mask=dense_mask,
+            query, key, value, packing, dense_mask=dense_mask, softcap=softcap, sinks=s_aux, **common
         )
     else:
-        out = _run_varlen(
-            varlen_fn,
-            query,
-            key,
-            value,
-            packing,
-            causal=causal,
-            scale=scale,
-            dropout=dropout,
-            window=sliding_window,
-            softcap=softcap,
-            provider=provider,
-        )
+        out = _sdpa_kernel(query, key, value, packing, dense_mask=dense_mask, **common)
     if sp > 1:
         out = gather_heads_scatter_seq(out, head_dim=2, seq_dim=1, group=group)
     _record(backend, provider)

@@ -201,18 +201,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     The file is made 0644 (``mkstemp`` creates 0600), so a CI job or a colleague under another user
     can read the evidence.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, RESULTS_FILE_MODE)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, allow_nan=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=True) + "\n")
 
 
 def read_json_object(path: Path, error: type[ValueError]) -> dict[str, Any]:
