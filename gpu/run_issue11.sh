@@ -24,7 +24,7 @@ phase() {  # name timeout models...
   local name=$1 limit=$2; shift 2
   local results=$OUT/results-$name; rm -rf "$results"; mkdir -p "$results"
   local start; start=$(date +%s%N)
-  PARITY_RESULTS=$results timeout "$limit" "$PY" -m pytest -s -q -p no:cacheprovider $(node "$@") \
+  PARITY_RESULTS=$results timeout "$limit" "$PY" -m pytest -s -q -p no:cacheprovider --durations=0 $(node "$@") \
     > "$OUT/log-$name.txt" 2>&1
   local rc=$?
   local wall; wall=$(( ($(date +%s%N) - start) / 1000000 ))  # ms (the image has no bc)
@@ -40,6 +40,7 @@ PY
   {
     printf '[%s] pytest rc=%s wall=%s ms (%s models); merge rc=%s\n' "$name" "$rc" "$wall" "$#" "$merge_rc"
     grep -E "retired|ERROR \(|TIMEOUT|passed|failed" "$OUT/log-$name.txt" | grep -v "^  File" | head -20 | sed "s/^/[$name]   /"
+    grep -E "^[0-9.]+s (call|setup|teardown) " "$OUT/log-$name.txt" | head -12 | sed "s/^/[$name]   duration /"
     printf '[%s]   workers started: %s\n' "$name" "$(ls "$results"/patch/eager/.workers 2>/dev/null | wc -l)"
     grep -E "^patch|verdict=" "$OUT/merge-$name.txt" | cut -c1-200 | sed "s/^/[$name]   /"
   } | tee -a "$OUT/summary.txt"

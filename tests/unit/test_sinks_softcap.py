@@ -333,3 +333,113 @@ def test_other_kernel_errors_stay_errors(fake_flash) -> None:
         _flash_call(PARITY_FA2)
     assert not isinstance(err.value, NotImplementedError)
     assert patch_runner.classify(err.value, "forward")[0] == "error"
+
+
+# the FA3 build's own record of its switches (flash_attn_config.CONFIG): a stable-ABI build dies on
+# its "does not support" checks instead of raising, so parity must refuse from the record, before the call
+
+_PREBUILT_FA3 = {  # the switches of ../shared/wheels' FA3 wheel that matter here
+    "FLASHATTENTION_DISABLE_LOCAL": True,
+    "FLASHATTENTION_DISABLE_SOFTCAP": True,
+    "FLASHATTENTION_DISABLE_HDIM96": True,
+    "FLASHATTENTION_DISABLE_HDIM192": True,
+    "FLASHATTENTION_DISABLE_HDIM256": True,
+    "FLASHATTENTION_DISABLE_HDIM64": False,
+    "FLASHATTENTION_DISABLE_HDIM128": False,
+    "FLASHATTENTION_DISABLE_BACKWARD": False,
+}
+
+
+def _fa3_config(monkeypatch, **flags: bool) -> None:
+    mod = types.ModuleType("flash_attn_config")
+    mod.CONFIG = {"build_flags": {**_PREBUILT_FA3, **flags}}
+    monkeypatch.setitem(sys.modules, "flash_attn_config", mod)
+
+
+def _fa3_dies(*args, **kwargs):
+    pytest.fail("the FA3 kernel was called with a feature its build lacks (on the GPU: SIGSEGV)")
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        ({"sliding_window": 5}, "local (sliding-window) attention (FLASHATTENTION_DISABLE_LOCAL)"),
+        ({"softcap": 2.0}, "logit soft-capping (softcap) (FLASHATTENTION_DISABLE_SOFTCAP)"),
+    ],
+)
+def test_fa3_build_without_the_feature_is_refused_before_the_call(
+    fake_flash, monkeypatch, call, named
+) -> None:
+    _fa3_config(monkeypatch)
+    monkeypatch.setattr(sys.modules["flash_attn_interface"], "flash_attn_varlen_func", _fa3_dies)
+    attention.use_kernels({PARITY_FA3: "flash_attn_interface"})
+    with pytest.raises(NotImplementedError) as err:
+        _flash_call(PARITY_FA3, **call)
+    assert named in str(err.value) and "build_flash -- fa3" in str(err.value)
+    assert patch_runner.classify(err.value, "forward")[0] == "unsupported"
+
+
+def test_fa3_build_with_the_features_runs_them(fake_flash, monkeypatch) -> None:
+    """Control: the same calls on a build that has local and softcap reach the kernel and match sdpa."""
+    seen, _ = fake_flash
+    _fa3_config(monkeypatch, FLASHATTENTION_DISABLE_LOCAL=False, FLASHATTENTION_DISABLE_SOFTCAP=False)
+    attention.use_kernels({PARITY_FA3: "flash_attn_interface"})
+    out = _flash_call(PARITY_FA3, softcap=2.0)
+    assert seen == {"flash_attn_interface": 2.0}
+    assert float((out - _flash_call(PARITY_SDPA, softcap=2.0)).abs().max()) < ATOL
+
+
+def test_fa3_head_dim_outside_the_build_is_refused(monkeypatch) -> None:
+    _fa3_config(monkeypatch)
+    gaps = attention.fa3_build_gaps(window=False, softcap=False, head_dim=96, dtype=torch.bfloat16)
+    assert gaps == ["head dim 96 (built for head dims 64, 128)"]
+    assert attention.fa3_build_gaps(window=False, softcap=False, head_dim=48, dtype=torch.bfloat16) == []
+    _fa3_config(monkeypatch, FLASHATTENTION_DISABLE_FP16=True)
+    assert attention.fa3_build_gaps(window=False, softcap=False, head_dim=64, dtype=torch.float16) == [
+        "float16 (FLASHATTENTION_DISABLE_FP16)"
+    ]
+
+
+def test_fa3_without_a_config_record_is_not_second_guessed(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "flash_attn_config", None)  # import fails: an older FA3
+    assert attention.fa3_build_flags() is None
+    assert attention.fa3_build_gaps(window=True, softcap=True, head_dim=512, dtype=torch.float16) == []
+
+
+def test_transformers_fa3_path_is_refused_before_the_call(monkeypatch) -> None:
+    """transformers' flash_attention_3 hands sliding_window to the build: the trace refuses first."""
+    from parity.harness import backend_trace
+
+    _fa3_config(monkeypatch)
+    q = torch.zeros(1, 4, 40, 64, requires_grad=True)
+    k = v = torch.zeros(1, 2, 40, 64)
+    traced = backend_trace.BackendTrace()._wrap("attention", "flash_attention_3", _fa3_dies)
+    with pytest.raises(NotImplementedError, match="FLASHATTENTION_DISABLE_LOCAL") as err:
+        traced(None, q, k, v, None, sliding_window=32)
+    assert "transformers' flash_attention_3" in str(err.value)
+    assert patch_runner.classify(err.value, "forward")[0] == "unsupported"
+    # a window the keys do not outrun is never passed on by transformers: nothing to refuse
+    ran = []
+    ok = backend_trace.BackendTrace()._wrap("attention", "flash_attention_3", lambda *a, **kw: ran.append(1))
+    ok(None, q, k, v, None, sliding_window=64)
+    assert ran == [1]
+
+
+def test_transformers_flash_refusal_error_is_unsupported() -> None:
+    from parity.harness import backend_trace
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("This flash attention build does not support softcap.")
+
+    traced = backend_trace.BackendTrace()._wrap("attention", "flash_attention_2", refuses)
+    with pytest.raises(NotImplementedError, match="does not support softcap") as err:
+        traced(None, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), None)
+    assert patch_runner.classify(err.value, "forward")[0] == "unsupported"
+
+    def crashes(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    traced = backend_trace.BackendTrace()._wrap("attention", "flash_attention_2", crashes)
+    with pytest.raises(RuntimeError) as err:
+        traced(None, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), None)
+    assert not isinstance(err.value, NotImplementedError)

@@ -332,11 +332,84 @@ def _varlen_flash_attn(q, k, v, cu, max_len, *, causal, scale, dropout, window, 
     )
 
 
+#: FA3 build switches (``flash_attn_config.CONFIG["build_flags"]``, written by FA3's setup.py into
+#: the wheel) and what a build compiled with each cannot run.
+_FA3_DISABLED_FEATURES = {
+    "FLASHATTENTION_DISABLE_LOCAL": "local (sliding-window) attention",
+    "FLASHATTENTION_DISABLE_SOFTCAP": "logit soft-capping (softcap)",
+    "FLASHATTENTION_DISABLE_FP16": "float16",
+    "FLASHATTENTION_DISABLE_BACKWARD": "a backward pass",
+}
+_FA3_HEAD_DIMS = (64, 96, 128, 192, 256)
+
+
+def fa3_build_flags() -> dict[str, bool] | None:
+    """The switches the installed FA3 was compiled with; None when the build does not say.
+
+    Why read them: FA3 built against torch's stable ABI does not raise its own "this flash attention
+    build does not support local attention" check as a Python error; the process dies (SIGSEGV on
+    the H200 with the prebuilt wheel and gemma3's sliding window). So the refusal has to come before
+    the call, from what the build says about itself.
+    """
+    try:
+        from flash_attn_config import CONFIG
+    except ImportError:
+        return None
+    flags = CONFIG.get("build_flags") if isinstance(CONFIG, dict) else None
+    return {str(k): bool(v) for k, v in flags.items()} if isinstance(flags, dict) else None
+
+
+def fa3_build_gaps(
+    *, window: bool, softcap: bool, head_dim: int | None, dtype: torch.dtype | None, backward: bool = True
+) -> list[str]:
+    """What of this call the installed FA3 build was compiled without (empty: it can run it)."""
+    flags = fa3_build_flags()
+    if not flags:
+        return []
+    wanted = {
+        "FLASHATTENTION_DISABLE_LOCAL": window,
+        "FLASHATTENTION_DISABLE_SOFTCAP": softcap,
+        "FLASHATTENTION_DISABLE_FP16": dtype == torch.float16,
+        "FLASHATTENTION_DISABLE_BACKWARD": backward,
+    }
+    gaps = [
+        f"{what} ({flag})"
+        for flag, what in _FA3_DISABLED_FEATURES.items()
+        if wanted[flag] and flags.get(flag)
+    ]
+    if head_dim is not None:
+        bucket = next((h for h in _FA3_HEAD_DIMS if head_dim <= h), None)
+        if bucket is None or flags.get(f"FLASHATTENTION_DISABLE_HDIM{bucket}"):
+            built = [str(h) for h in _FA3_HEAD_DIMS if not flags.get(f"FLASHATTENTION_DISABLE_HDIM{h}")]
+            gaps.append(f"head dim {head_dim} (built for head dims {', '.join(built) or 'none'})")
+    return gaps
+
+
+def refuse_fa3_build_gaps(provider: str, **call: Any) -> None:
+    """NotImplementedError naming what the FA3 build lacks, before a call that would kill the process."""
+    gaps = fa3_build_gaps(**call)
+    if gaps:
+        raise NotImplementedError(
+            f"{provider}: this FA3 build was compiled without "
+            + "; ".join(gaps)
+            + " (flash_attn_config.CONFIG); rebuild with `nox -s build_flash -- fa3`, which keeps what the "
+            "registry's models need"
+        )
+
+
 def _varlen_fa3(q, k, v, cu, max_len, *, causal, scale, dropout, window, softcap=None) -> torch.Tensor:
     import flash_attn_interface
 
     if dropout:
         raise NotImplementedError("flash_attn_interface (FA3) has no dropout; set attention_dropout=0")
+    refuse_fa3_build_gaps(
+        FLASH_ATTN_INTERFACE,
+        window=window is not None,
+        softcap=softcap is not None,
+        head_dim=q.shape[-1],
+        dtype=q.dtype,
+        backward=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+    )
     extra = {} if softcap is None else {"softcap": float(softcap)}
     out = flash_attn_interface.flash_attn_varlen_func(
         q,

@@ -51,6 +51,30 @@ def hf_flash_provider() -> str | None:
     return module.split(".")[0] if module else None
 
 
+def refuse_what_the_flash_build_lacks(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise NotImplementedError before transformers' FA3 path calls a build without the needed feature.
+
+    transformers passes ``sliding_window`` (when the keys outrun it) and ``softcap`` straight to
+    ``flash_attn_interface``; a stable-ABI FA3 build compiled without them kills the process instead of
+    raising, so the mode would be a crash of the tool, not the ``unsupported`` it is.
+    """
+    if "flash_attention_3" not in key or len(args) < 3:
+        return
+    from parity.backend.attention import FLASH_ATTN_INTERFACE, refuse_fa3_build_gaps
+
+    query, keys = args[1], args[2]
+    window = kwargs.get("sliding_window")
+    key_len = keys.shape[2] if getattr(keys, "dim", lambda: 0)() == 4 else None
+    refuse_fa3_build_gaps(
+        f"transformers' {key} ({FLASH_ATTN_INTERFACE})",
+        window=window is not None and (key_len is None or key_len > window),
+        softcap=kwargs.get("softcap") is not None,
+        head_dim=query.shape[-1],
+        dtype=query.dtype,
+        backward=query.requires_grad,
+    )
+
+
 def _is_flash_key(key: str) -> bool:
     """transformers' own flash implementations and hub kernel names (``org/repo``), not parity's."""
     return not key.startswith("parity_") and ("flash" in key or "/" in key)
@@ -73,7 +97,16 @@ class BackendTrace:
         @functools.wraps(fn)
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.calls[kind][key] += 1
-            out = fn(*args, **kwargs)
+            if flash:
+                refuse_what_the_flash_build_lacks(key, args, kwargs)
+                try:
+                    out = fn(*args, **kwargs)
+                except RuntimeError as exc:  # the kernel refusing the model, as parity's backends see it
+                    if "does not support" in str(exc):
+                        raise NotImplementedError(f"transformers' {key}: {exc}") from exc
+                    raise
+            else:
+                out = fn(*args, **kwargs)
             if flash:
                 self.flash_providers[hf_flash_provider() or "unknown"] += 1
             return out
