@@ -16,7 +16,7 @@
 #   e2e       nox --no-venv -s e2e -- $E2E_MODELS (text, MoE, VLM): on one GPU the sp1 layouts of
 #             every variant, compared across variants
 # Knobs: TOTAL_S (phase budget), BUILD_MAX_S (build phase limit, 400), FA3_TIMEOUT, FA2_TIMEOUT (compiler limits,
-# 300 s), ISOLATED_MAX_S (230), ISOLATED_REQUIRE (the --require options of the isolated run), BUILD_TARGETS ("fa3 fa2"), BUILT_ISOLATE=0 (the suites on the built wheels in one process per variant, to fit one call).
+# 300 s), ISOLATED_MAX_S (230), ISOLATED_REQUIRE (the --require options of the isolated run), ISOLATED_SESSIONS ("patch", or e.g. "patch(fa3)"), NOVENV_MAX_S (200), BUILD_TARGETS ("fa3 fa2"), BUILT_ISOLATE=0 (the suites on the built wheels in one process per variant, to fit one call).
 # Outputs ($OUT, at most 8 files): summary.txt, <phase>.txt (key lines and merge tables), envs.txt
 # (per-env packages from the records' fingerprints), logs.tar.gz (full logs, results JSON, build logs).
 set -uo pipefail
@@ -83,10 +83,10 @@ run_phase() {
     say "[$name] start (limit ${max}s): $*"
     timeout -k 10 "$max" "$@" >> "$W/logs/$name.log" 2>&1
     rc=$?
-    grep -aE '^(nox > |merge: |\[exit |summary: )|^(patch|e2e) +[a-z0-9_]+ +(eager|fa2|fa3) |^suite +model|build_flash|^E +|Error' \
+    grep -aE '^=+ .*(passed|failed|error).* in [0-9.]+s|^(nox > |merge: |\[exit |summary: )|^(patch|e2e) +[a-z0-9_]+ +(eager|fa2|fa3) |^suite +model|build_flash|^E +|Error' \
         "$W/logs/$name.log" | grep -av 'Running session\|uv binary' | cut -c1-700 >> "$W/$name.txt"
     say "[$name] rc=$rc wall=$((SECONDS - t0))s $( ((rc == 124)) && echo '(TIMED OUT)')"
-    grep -aE '^nox > \* |^merge: |^\[exit |^nox > build_flash [a-z0-9]+: (built|cached|narrowed|dry run)|^nox > Session build_flash (skipped|failed)' \
+    grep -aE '^=+ .* in [0-9.]+s|^nox > \* |^merge: |^\[exit |^nox > build_flash [a-z0-9]+: (built|cached|narrowed|dry run)|^nox > Session build_flash (skipped|failed)' \
         "$W/logs/$name.log" | sed "s/^/[$name]   /" | cut -c1-400 | tee -a "$SUM"
     return $rc
 }
@@ -114,7 +114,7 @@ fi
 
 if has isolated; then
     run_phase isolated "${ISOLATED_MAX_S:-230}" env PARITY_SYSTEM_SITE=1 PARITY_WHEELHOUSE="$ROOT/.wheels" \
-        python3 -m nox -s patch -- --results "$W/results/isolated" ${ISOLATED_REQUIRE---require fa2 --require fa3}
+        python3 -m nox -s ${ISOLATED_SESSIONS:-patch} -- --results "$W/results/isolated" ${ISOLATED_REQUIRE---require fa2 --require fa3}
     say "[isolated]   image after (must be unchanged): $(image_flash)"
     # the same records held to --require: every fa2/fa3 mode recorded skipped or unsupported is named
     PYTHONPATH=$ROOT/src timeout 60 python3 -m parity.merge --results "$W/results/isolated" \
@@ -159,7 +159,7 @@ if has novenv || has e2e; then
 fi
 
 if has novenv; then
-    run_phase novenv 200 python3 -m nox --no-venv -s patch -- --results "$W/results/novenv" --require fa2 --require fa3
+    run_phase novenv "${NOVENV_MAX_S:-200}" python3 -m nox --no-venv -s patch -- --results "$W/results/novenv" --require fa2 --require fa3
 fi
 
 if has e2e; then
