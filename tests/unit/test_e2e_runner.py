@@ -130,3 +130,26 @@ def test_one_job_for_several_models_and_a_dead_reference_drops_only_its_model(
     assert [r["status"] for r in layouts] == ["ok"] * 4
     assert anchor["status"] == "ok"  # the single-process run needs no launch
     assert len(fake.jobs) == 2  # run_case found everything in the cache
+
+
+def test_the_anchor_record_carries_its_own_fp32_tolerance_on_a_bf16_run(settings):
+    """On the H200 (bf16) the layouts carry the bf16 tolerance; the fp32 CPU anchor carried it too, and
+    the merge rejected every GPU e2e run ("tolerance rtol=0.1 atol=0.1 is looser than the registry
+    allows ... (float32: ...)"). The anchor holds its own dtype's tolerance; the comparison with the
+    layout reads the layout's."""
+    from parity.results import merge, registry
+    from parity.results.records import Tolerance
+
+    bf16 = Tolerance(0.1, 0.1)  # what a bf16 run of qwen3 carries in e2e
+    rec = e2e.single_process_record("qwen3", "./toy_config/qwen3_toy/config.json", settings, False, bf16)
+    assert rec["status"] == "ok" and rec["fingerprint"]["dtype"] == "float32"
+    case = next(c for c in registry.cases() if c.id == "qwen3")
+    ceiling = merge.tolerance_ceiling(case, "e2e", "float32")
+    assert ceiling is not None
+    assert rec["tolerance"]["rtol"] <= ceiling.rtol and rec["tolerance"]["atol"] <= ceiling.atol
+    # control: the bf16 tolerance on this fp32 record is what the merge's ceiling rule refuses
+    assert bf16.rtol > ceiling.rtol or bf16.atol > ceiling.atol
+    # the comparison with the layout uses the layout's tolerance, so a bf16 layout is still held at bf16
+    layout = {"tolerance": {"rtol": bf16.rtol, "atol": bf16.atol}, "first_step": rec["first_step"]}
+    problems, worst = e2e.first_step_problems(layout, rec)
+    assert problems == [] and worst is not None and worst.allowed >= bf16.atol

@@ -355,6 +355,7 @@ def fill_record(record: dict[str, Any], run: LayoutRun) -> dict[str, Any]:
 
 
 ANCHOR_ID = "single_process"
+ANCHOR_DTYPE = "float32"
 
 
 def single_process_record(
@@ -365,7 +366,9 @@ def single_process_record(
     The independent anchor of the e2e suite: every layout is compared with sp1_ep1, so a bug that
     sits in every layout (the loss normalisation, the label shift, the FSDP gradient reduction)
     would pass unseen; this run shares none of that code, only the model, weights and data. fp32
-    on CPU: the exact answer for the toy models.
+    on CPU: the exact answer for the toy models. Its record carries the float32 tolerance (what an
+    fp32 record may hold); the comparison with the layout uses the layout's own, so on a bf16 GPU run
+    the layout's bf16 tolerance is never written onto an fp32 record (the merge rejects that).
     """
     from parity.training import train as trainer
 
@@ -376,9 +379,9 @@ def single_process_record(
         variant=settings.run.variant,
         mode={"id": ANCHOR_ID, "modeling_backend": "hf", "attn_implementation": "eager", "role": "anchor"},
         status="pending",
-        tolerance=tolerance,
+        tolerance=effective_tolerance(tolerance, ANCHOR_DTYPE),
         fingerprint=fingerprint(
-            device="cpu", dtype="float32", seed=SEED, config_hash=toy.config_hash(config_file)
+            device="cpu", dtype=ANCHOR_DTYPE, seed=SEED, config_hash=toy.config_hash(config_file)
         ),
     )
     try:
