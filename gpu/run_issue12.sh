@@ -133,6 +133,12 @@ fi
 
 if has build; then
     mkdir -p "$BUILT" && cp .wheels/einops-*.whl .wheels/ninja-*.whl .wheels/wheel-*.whl "$BUILT/" 2>/dev/null
+    # wheels build_flash made on an earlier machine, carried back (.built/wheelhouse-built: the wheel and its
+    # <wheel>.json): the same (source, torch, CUDA, arch, flags) key makes build_flash answer "cached"
+    if compgen -G ".built/wheelhouse-built/flash*.whl" > /dev/null; then
+        cp -n .built/wheelhouse-built/flash*.whl .built/wheelhouse-built/flash*.whl.json "$BUILT/"
+        say "[build] seeded from .built/wheelhouse-built: $(cd .built/wheelhouse-built && ls flash*.whl | tr '\n' ' ')"
+    fi
     BUILD_TARGETS=${BUILD_TARGETS:-"fa3 fa2"}   # which wheels to build (the first is also rebuilt: cached)
     first=${BUILD_TARGETS%% *}
     steps=""
