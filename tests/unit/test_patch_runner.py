@@ -125,3 +125,59 @@ def test_failed_flash_load_mark_is_forgotten(monkeypatch):
     with pytest.raises(ImportError):
         toy.build_model(QWEN3, attn_implementation="flash_attention_2")
     assert fa_utils._loaded_implementation is None
+
+
+def _built_models(monkeypatch) -> list:
+    """Weak references to every model the case builds, each tied into a reference cycle, so that only
+    the cyclic collector can free it (what holds a real model's weights after its mode)."""
+    import weakref
+
+    from parity.harness import patch_runner
+
+    built = []
+    real_build = patch_runner.toy.build_model
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.__dict__["_parity_test_cycle"] = model
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(patch_runner.toy, "build_model", build)
+    return built
+
+
+def test_models_of_a_case_are_collected_although_the_heap_is_frozen(settings, monkeypatch):
+    """settle_heap freezes the survivors before a case (a full collection per mode cost ~0.2 s); what the
+    case builds must still be freed by the collections after each mode."""
+    import gc
+
+    built = _built_models(monkeypatch)
+    run_case("qwen3", QWEN3, hf_modes("eager", False), TOL, settings, isolate=False)
+    assert len(built) >= 2 and gc.get_freeze_count() > 0  # the weights snapshot's model and one per mode
+    assert [ref() is None for ref in built] == [True] * len(built)
+
+
+def test_negative_control_freezing_inside_a_case_keeps_its_models(settings, monkeypatch):
+    """A freeze while a case's model is uncollected garbage (here: planted at the start of the per-mode
+    release, before its collection) pins that model for good: the check above sees it."""
+    import gc
+
+    from parity.harness import patch_runner
+
+    built = _built_models(monkeypatch)
+    real_release = patch_runner._release
+
+    def freeze_then_release(device):
+        gc.freeze()
+        real_release(device)
+
+    monkeypatch.setattr(patch_runner, "_release", freeze_then_release)
+    try:
+        records = run_case("qwen3", QWEN3, hf_modes("eager", False), TOL, settings, isolate=False)
+        assert failures(records) == []
+        assert any(ref() is not None for ref in built)  # pinned by the misplaced freeze
+    finally:
+        gc.unfreeze()
+        gc.collect()
+    assert all(ref() is None for ref in built)
