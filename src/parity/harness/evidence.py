@@ -39,15 +39,42 @@ def _signs(numel: int, probe: int, device: torch.device, start: int = 0) -> torc
     return ((h & 1) * 2 - 1).to(torch.float32)
 
 
+#: Sign vectors kept for reuse, by (numel, probe, device, start), up to this many elements in all
+#: (256 MB of fp32). A case fingerprints the same tensors in every mode (5 to 9 runs of one model),
+#: and generating a vector costs about ten integer ops per element: on CPU that hash was a quarter
+#: of a toy case's time. Tensors past the budget (real-width embeddings) are hashed each time.
+SIGN_CACHE_ELEMENTS = 1 << 26
+_SIGN_CACHE: dict[tuple[int, int, str, int], torch.Tensor] = {}
+
+
+def _cached_signs(numel: int, probe: int, device: torch.device, start: int = 0) -> torch.Tensor:
+    """:func:`_signs`, kept while the cache's element budget allows (oldest entries go first)."""
+    key = (numel, probe, str(device), start)
+    hit = _SIGN_CACHE.get(key)
+    if hit is not None:
+        return hit
+    signs = _signs(numel, probe, device, start)
+    if numel <= SIGN_CACHE_ELEMENTS:
+        held = sum(v.numel() for v in _SIGN_CACHE.values())
+        while _SIGN_CACHE and held + numel > SIGN_CACHE_ELEMENTS:
+            held -= _SIGN_CACHE.pop(next(iter(_SIGN_CACHE))).numel()
+        _SIGN_CACHE[key] = signs
+    return signs
+
+
 def fingerprint(t: torch.Tensor | None) -> list[float] | None:
-    """[norm, p_1, ..., p_k]: norm plus projections on k fixed sign vectors (fp64 accumulate)."""
+    """[norm, p_1, ..., p_k]: norm plus projections on k fixed sign vectors (fp64 accumulate).
+
+    One host transfer per tensor (the values stacked on the device), not one per value: on a GPU
+    each ``float()`` is a synchronisation.
+    """
     if t is None:
         return None
     flat = t.detach().reshape(-1).to(torch.float32)
-    values = [float(flat.double().norm())]
+    parts = [flat.double().norm()]
     for probe in range(PROBES):
-        values.append(float((flat * _signs(flat.numel(), probe, flat.device)).double().sum()))
-    return values
+        parts.append((flat * _cached_signs(flat.numel(), probe, flat.device)).double().sum())
+    return [float(v) for v in torch.stack(parts).tolist()]
 
 
 def partial_fingerprint(flat: torch.Tensor, start: int) -> torch.Tensor:
@@ -59,7 +86,7 @@ def partial_fingerprint(flat: torch.Tensor, start: int) -> torch.Tensor:
     flat = flat.reshape(-1).to(torch.float32)
     parts = [flat.double().pow(2).sum()]
     for probe in range(PROBES):
-        parts.append((flat * _signs(flat.numel(), probe, flat.device, start)).double().sum())
+        parts.append((flat * _cached_signs(flat.numel(), probe, flat.device, start)).double().sum())
     return torch.stack(parts)
 
 
