@@ -59,3 +59,22 @@ def test_the_cache_keeps_to_its_budget(monkeypatch):
     sizes = [key[0] for key in evidence._SIGN_CACHE]
     assert 300 not in sizes and 40 not in sizes  # never kept / evicted first
     assert sizes[-evidence.PROBES :] == [60] * evidence.PROBES  # the newest stay
+
+
+def _rel_before(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """The per-tensor distance as computed before (three float() calls)."""
+    diff = (a - b).double()
+    ref = float(b.double().norm())
+    norm = float(diff.norm())
+    rel = norm / ref if ref > 0 else (0.0 if norm == 0 else float("inf"))
+    return rel, float(diff.abs().max()) if diff.numel() else 0.0, ref
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (0,), (1,)])
+def test_relative_distance_is_the_same_numbers(shape):
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    assert evidence._rel(a, b) == _rel_before(a, b)
+    assert evidence._rel(b, b) == _rel_before(b, b)  # identical: rel 0
+    zero = torch.zeros(shape)
+    assert evidence._rel(a, zero) == _rel_before(a, zero)  # |ref| 0: inf (or 0 when empty)
