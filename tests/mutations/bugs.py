@@ -98,16 +98,7 @@ def packing_off_by_one(monkeypatch: Any) -> None:
 
 def scaling_ignored(monkeypatch: Any) -> None:
     """The module's softmax scale replaced by 1/sqrt(head_dim) (breaks MLA and softcapped models)."""
-    from parity.backend import attention
-
-    def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def parity_attention_forward(*args: Any, **kwargs: Any) -> Any:
-            kwargs.pop("scaling", None)
-            return original(*args, **kwargs)
-
-        return parity_attention_forward
-
-    _wrap(monkeypatch, attention, "parity_attention_forward", make)
+    _drop_attention_kwarg(monkeypatch, "scaling")
 
 
 def gqa_wrong_group(monkeypatch: Any) -> None:
@@ -277,16 +268,7 @@ def moe_router_detached(monkeypatch: Any) -> None:
 
 def sparse_selection_dropped(monkeypatch: Any) -> None:
     """The indexer's top-k key selection (DeepSeek sparse attention, ``indices``) ignored: dense attention."""
-    from parity.backend import attention
-
-    def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def parity_attention_forward(*args: Any, **kwargs: Any) -> Any:
-            kwargs.pop("indices", None)
-            return original(*args, **kwargs)
-
-        return parity_attention_forward
-
-    _wrap(monkeypatch, attention, "parity_attention_forward", make)
+    _drop_attention_kwarg(monkeypatch, "indices")
 
 
 # --------------------------------------------------------------------------------------------

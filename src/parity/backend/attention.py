@@ -216,6 +216,17 @@ def block_mask(packing: Packing, causal: bool, window: int | None = None) -> tor
     return allowed[:, None]
 
 
+def _expand_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GQA: each kv head repeated for its group of query heads ([B, H, S, D] layout).
+
+    Explicit rather than sdpa's ``enable_gqa``, which not every sdpa backend honours with a mask.
+    """
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
 def _sdpa_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -228,10 +239,7 @@ def _sdpa_kernel(
     window: int | None,
     dense_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:  # expand GQA: sdpa's enable_gqa is not honoured by every backend with a mask
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+    k, v = _expand_kv_heads(q, k, v)
     if dense_mask is not None:
         mask, is_causal = dense_mask, False
     elif packing.one_per_row and window is None:
@@ -268,10 +276,7 @@ def _math_kernel(
     are fp32 whatever the input dtype (HF's gpt-oss eager takes its softmax in the input dtype: in
     bf16 that is rounding the fp32 truth does not have).
     """
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+    k, v = _expand_kv_heads(q, k, v)
     logits = torch.matmul(q, k.transpose(-2, -1)).float() * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
