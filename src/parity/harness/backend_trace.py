@@ -97,18 +97,16 @@ class BackendTrace:
         @functools.wraps(fn)
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.calls[kind][key] += 1
-            if flash:
-                refuse_what_the_flash_build_lacks(key, args, kwargs)
-                try:
-                    out = fn(*args, **kwargs)
-                except RuntimeError as exc:  # the kernel refusing the model, as parity's backends see it
-                    if "does not support" in str(exc):
-                        raise NotImplementedError(f"transformers' {key}: {exc}") from exc
-                    raise
-            else:
+            if not flash:
+                return fn(*args, **kwargs)
+            refuse_what_the_flash_build_lacks(key, args, kwargs)
+            try:
                 out = fn(*args, **kwargs)
-            if flash:
-                self.flash_providers[hf_flash_provider() or "unknown"] += 1
+            except RuntimeError as exc:  # the kernel refusing the model, as parity's backends see it
+                if "does not support" in str(exc):
+                    raise NotImplementedError(f"transformers' {key}: {exc}") from exc
+                raise
+            self.flash_providers[hf_flash_provider() or "unknown"] += 1
             return out
 
         counted.__parity_traced__ = True  # type: ignore[attr-defined]

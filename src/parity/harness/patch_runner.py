@@ -70,8 +70,8 @@ def settle_heap() -> None:
 
     Why: every mode ends with a full ``gc.collect()`` (a model's reference cycles hold its weights
     until a collection runs), and a full collection walks every object the process holds. With
-    torch and transformers imported that is about 0.2 s a call, most of a toy mode's cost on the H200
-    (build, forward and backward together take 0.03 s there). Frozen objects (imports, registries,
+    torch and transformers imported that is about 0.2 s a call (CPU profile), against 0.03 s of build,
+    forward and backward for a toy mode on the H200. Frozen objects (imports, registries,
     what outlives a case) are never collected, so this runs only before a case creates anything:
     what the case creates stays collectable.
     """
