@@ -16,7 +16,7 @@
 #   e2e       nox --no-venv -s e2e -- $E2E_MODELS (text, MoE, VLM): on one GPU the sp1 layouts of
 #             every variant, compared across variants
 # Knobs: TOTAL_S (phase budget), BUILD_MAX_S (build phase limit, 400), FA3_TIMEOUT, FA2_TIMEOUT (compiler limits,
-# 300 s), ISOLATED_MAX_S (230), ISOLATED_REQUIRE (the --require options of the isolated run), ISOLATED_SESSIONS ("patch", or e.g. "patch(fa3)"), NOVENV_MAX_S (200), BUILD_TARGETS ("fa3 fa2"), BUILT_ISOLATE=0 (the suites on the built wheels in one process per variant, to fit one call).
+# 300 s), ISOLATED_MAX_S (230), ISOLATED_REQUIRE (the --require options of the isolated run), ISOLATED_SESSIONS ("patch", or e.g. "patch(fa3)"), NOVENV_MAX_S (200), NOVENV_MODELS (all), ISOLATED_WHEELHOUSE (.wheels), BUILD_TARGETS ("fa3 fa2"), IMAGE_WHEELS (.wheels), BUILT_ISOLATE=0 (the suites on the built wheels in one process per variant, to fit one call).
 # Outputs ($OUT, at most 8 files): summary.txt, <phase>.txt (key lines and merge tables), envs.txt
 # (per-env packages from the records' fingerprints), logs.tar.gz (full logs, results JSON, build logs).
 set -uo pipefail
@@ -28,6 +28,7 @@ TOTAL_S=${TOTAL_S:-450}             # no phase starts (or runs) past this many s
 E2E_MODELS=${E2E_MODELS:-"qwen3 qwen2_vl"}
 FA3_SRC=${FA3_SRC:-$ROOT/.vendor/flash-attention-3-src.tar.gz}
 FA2_SRC=${FA2_SRC:-$ROOT/.vendor/flash_attn-2.8.3.post2.tar.gz}
+IMAGE_WHEELS=${IMAGE_WHEELS:-.wheels}   # novenv/e2e: the flash wheels put into the image (.built/wheelhouse-built: the built ones)
 W=$ROOT/.nox/issue12
 BUILT=$W/wheelhouse-built
 mkdir -p "$OUT" "$W/logs" "$W/results"
@@ -113,7 +114,7 @@ if has isolated || has build; then  # a warm machine may still hold the novenv p
 fi
 
 if has isolated; then
-    run_phase isolated "${ISOLATED_MAX_S:-230}" env PARITY_SYSTEM_SITE=1 PARITY_WHEELHOUSE="$ROOT/.wheels" \
+    run_phase isolated "${ISOLATED_MAX_S:-230}" env PARITY_SYSTEM_SITE=1 PARITY_WHEELHOUSE="${ISOLATED_WHEELHOUSE:-$ROOT/.wheels}" \
         python3 -m nox -s ${ISOLATED_SESSIONS:-patch} -- --results "$W/results/isolated" ${ISOLATED_REQUIRE---require fa2 --require fa3}
     say "[isolated]   image after (must be unchanged): $(image_flash)"
     # the same records held to --require: every fa2/fa3 mode recorded skipped or unsupported is named
@@ -160,12 +161,12 @@ fi
 
 if has novenv || has e2e; then
     python3 -m pip install -q --disable-pip-version-check --no-index --no-deps \
-        .wheels/flash_attn-2*.whl .wheels/flash_attn_3-*.whl > "$W/logs/image_install.log" 2>&1
+        "$IMAGE_WHEELS"/flash_attn-2*.whl "$IMAGE_WHEELS"/flash_attn_3-*.whl > "$W/logs/image_install.log" 2>&1
     say "image now holds: $(image_flash)"
 fi
 
 if has novenv; then
-    run_phase novenv "${NOVENV_MAX_S:-200}" python3 -m nox --no-venv -s patch -- --results "$W/results/novenv" --require fa2 --require fa3
+    run_phase novenv "${NOVENV_MAX_S:-200}" python3 -m nox --no-venv -s patch -- ${NOVENV_MODELS:-} --results "$W/results/novenv" --require fa2 --require fa3
 fi
 
 if has e2e; then

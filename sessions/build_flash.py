@@ -44,6 +44,7 @@ from typing import Any
 import nox
 
 from parity import settings
+from parity.backend.flash_build import FA2_RECORD_FILE, fa2_record_text
 from parity.results import registry
 from sessions import envs, wheelhouse
 from sessions.hardware import visible_gpus
@@ -291,7 +292,19 @@ def narrow_fa2(tree: Path, kernels: list[int], dtypes: list[str], defines: list[
             raise NarrowError(f"{switch_h}: no #define {name} to narrow")
         header = pattern.sub(lambda _m, macro=macro: macro, header, count=1)
     switch_h.write_text(header)
-    return {"kernel_files": kept, "left_out": len(files) - kept, "defines": defines, "head_dims": kernels}
+    # The dispatch's TORCH_CHECK above does not save the process: on the H200 a head dim left out of
+    # this build died with SIGSEGV. So the wheel carries its own record, and parity refuses first.
+    package = tree.joinpath(*FA2_RECORD_FILE[:-1])
+    if not (package / "__init__.py").is_file():
+        raise NarrowError(f"{package}/__init__.py is missing: not a flash-attn 2.x source tree")
+    tree.joinpath(*FA2_RECORD_FILE).write_text(fa2_record_text(kernels, dtypes, defines))
+    return {
+        "kernel_files": kept,
+        "left_out": len(files) - kept,
+        "defines": defines,
+        "head_dims": kernels,
+        "record": "/".join(FA2_RECORD_FILE),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,7 +450,8 @@ def local_label(plan: dict[str, Any], key: str) -> str:
 
 def parse_args(session: nox.Session) -> argparse.Namespace:
     usage = (
-        "nox -s build_flash -- fa2|fa3 [--source PATH] [--jobs N] [--arch 90] [--dry-run] [--force] [--full]"
+        "nox -s build_flash -- fa2|fa3 [--source PATH] [--config PATH ...] [--jobs N] [--arch 90] "
+        "[--dry-run] [--force] [--full]"
     )
     parser = argparse.ArgumentParser(prog="nox -s build_flash --", add_help=False)
     parser.add_argument("target", nargs="?", choices=sorted(TARGETS))
@@ -448,12 +462,22 @@ def parse_args(session: nox.Session) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="build even if the wheelhouse has this wheel")
     parser.add_argument("--full", action="store_true", help="FA2: every head dim and dtype (no narrowing)")
     parser.add_argument("--timeout", type=float, help="stop the compiler after S seconds")
+    parser.add_argument(
+        "--config", action="append", default=[], help="also build for this config.json (repeatable)"
+    )
     try:
         args = parser.parse_args(session.posargs)
     except SystemExit:
         session.error(f"usage: {usage}")
     if args.target is None:
         session.error(f"usage: {usage}")
+    args.cases = registry.cases()
+    for raw in args.config:  # a model outside the registry, as `nox -s patch -- --config PATH` runs it
+        try:
+            args.cases.append(registry.check_adhoc_config(raw))
+        except registry.ToyConfigError as exc:
+            session.log(f"error: {exc}")
+            raise SystemExit(2) from None
     if args.jobs is not None and args.jobs < 1:
         session.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.source is not None:
@@ -489,7 +513,7 @@ def make_plan(
     source_digest_value: str,
 ) -> dict[str, Any]:
     """Everything the build will use, and the cache key over it."""
-    needs = registry_needs(target)
+    needs = registry_needs(target, getattr(args, "cases", None))
     kernels = kernel_head_dims(needs.head_dims, target.head_dims)
     needed = set(needs.features)
     if target.name == "fa3":
@@ -504,6 +528,7 @@ def make_plan(
                 "dtypes": needs.dtypes,
                 "defines": fa2_defines(needed),
                 "host_defines": True,  # the switches reach flash_api.cpp too (older wheels: not)
+                "record": "/".join(FA2_RECORD_FILE),  # the wheel says what it holds (older wheels: not)
             }
         )
     plan = {

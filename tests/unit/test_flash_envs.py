@@ -273,6 +273,14 @@ def test_build_flash_skips_on_a_machine_without_a_gpu(tmp_path):
 # build_flash's plan, from the registry's config JSON
 
 
+def test_a_config_outside_the_registry_adds_its_head_dims_to_the_build():
+    """`build_flash -- fa2 --config PATH`: the model a user runs with --config gets its kernels too."""
+    llama_2b = registry.check_adhoc_config(str(Path(__file__).parents[2] / "gpu" / "configs" / "llama_2b"))
+    needs = build_flash.registry_needs(build_flash.TARGETS["fa2"], [*registry.cases(), llama_2b])
+    assert needs.head_dims[128] == ["llama_2b"] and 64 in needs.head_dims
+    assert build_flash.kernel_head_dims(needs.head_dims, build_flash.FA2_HEAD_DIMS) == [64, 128]
+
+
 def test_head_dims_come_from_every_attention_stack_of_the_registry_configs():
     needs = build_flash.registry_needs(build_flash.TARGETS["fa3"])
     assert needs.head_dims == {64: registry.ids()}, (
@@ -369,7 +377,20 @@ def _fa2_tree(root: Path) -> Path:
     (root / "csrc" / "flash_attn" / "src").mkdir(parents=True)
     (root / "setup.py").write_text(SETUP_PY.format(files=files))
     (root / "csrc" / "flash_attn" / "src" / "static_switch.h").write_text(SWITCH_H)
+    (root / "flash_attn").mkdir()
+    (root / "flash_attn" / "__init__.py").write_text('__version__ = "2.8.3.post2"\n')
     return root
+
+
+def _load_record(tree: Path):
+    """The record module a narrowed tree would put into the wheel, loaded as flash_attn.build_config."""
+    import importlib.util
+
+    path = tree / "flash_attn" / "build_config.py"
+    spec = importlib.util.spec_from_file_location("flash_attn.build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_fa2_narrowing_keeps_only_the_kernel_files_and_dispatch_in_use(tmp_path):
@@ -391,6 +412,37 @@ def test_fa2_narrowing_keeps_only_the_kernel_files_and_dispatch_in_use(tmp_path)
         build_flash.narrow_fa2(tree, [64], ["bfloat16"], defines)  # already narrowed: refuses, never guesses
 
 
+def test_a_narrowed_fa2_carries_the_record_the_backend_refuses_from(tmp_path, monkeypatch):
+    """Producer and consumer of the FA2 build record agree: what the build left out is refused.
+
+    On the H200 the narrowed wheel's own dispatch check did not save the process: a head dim of 128 on
+    a head-dim-64 build died with SIGSEGV (gpu/probe_fa2_errors.py), so this record is the refusal.
+    """
+    from parity.backend import flash_build
+
+    tree = _fa2_tree(tmp_path / "fa2")
+    done = build_flash.narrow_fa2(tree, [64], ["bfloat16"], build_flash.fa2_defines(set()))
+    assert done["record"] == "flash_attn/build_config.py"
+    record = _load_record(tree)
+    assert record.CONFIG["head_dims"] == [64] and record.CONFIG["dtypes"] == ["bfloat16"]
+    monkeypatch.setitem(sys.modules, "flash_attn.build_config", record)
+    assert flash_build.fa2_build_gaps(head_dim=128, dtype="bfloat16", softcap=False) == [
+        "head dim 128 (built for head dims 64)"
+    ]
+    assert flash_build.fa2_build_gaps(head_dim=48, dtype="float16", softcap=True) == [
+        "float16 (built for bfloat16)",
+        "logit soft-capping (softcap) (FLASHATTENTION_DISABLE_SOFTCAP)",
+    ]
+    assert flash_build.fa2_build_gaps(head_dim=64, dtype="bfloat16", softcap=False) == []
+
+
+def test_a_tree_without_the_flash_attn_package_is_not_narrowed(tmp_path):
+    tree = _fa2_tree(tmp_path / "fa2")
+    shutil.rmtree(tree / "flash_attn")
+    with pytest.raises(build_flash.NarrowError, match="flash_attn/__init__.py is missing"):
+        build_flash.narrow_fa2(tree, [64], ["bfloat16"], build_flash.fa2_defines(set()))
+
+
 @pytest.mark.skipif(not VENDOR.is_file(), reason=f"{VENDOR} (the vendored FA2 sdist) is not on this machine")
 def test_fa2_narrowing_applies_to_the_pypi_sdist(tmp_path):
     target = build_flash.TARGETS["fa2"]
@@ -400,6 +452,8 @@ def test_fa2_narrowing_applies_to_the_pypi_sdist(tmp_path):
     setup = (tree / "setup.py").read_text().splitlines()
     host = next(line for line in setup if "compiler_c17_flag=[" in line)
     assert '"-DFLASHATTENTION_DISABLE_SOFTCAP"' in host, host
+    assert _load_record(tree).CONFIG["head_dims"] == [64]  # lands inside the package setup.py ships
+    assert "find_packages(" in "\n".join(setup)
 
 
 def test_cached_wheel_is_found_by_its_key(tmp_path):

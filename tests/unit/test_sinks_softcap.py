@@ -247,9 +247,9 @@ def _never_called(*args, **kwargs):
     pytest.fail("the kernel was called although the library cannot take the inputs")
 
 
-def _flash_call(backend: str, **kwargs) -> torch.Tensor:
+def _flash_call(backend: str, dim: int = 16, **kwargs) -> torch.Tensor:
     module = SinkAttention(4, 2)
-    q, k, v = (t.detach() for t in _inputs(4, 2, sum(LENS)))
+    q, k, v = (t.detach() for t in _inputs(4, 2, sum(LENS), dim=dim))
     out, _ = parity_attention_forward(
         backend, module, q, k, v, None, scaling=0.7, position_ids=_positions(LENS), **kwargs
     )
@@ -443,3 +443,85 @@ def test_transformers_flash_refusal_error_is_unsupported() -> None:
     with pytest.raises(RuntimeError) as err:
         traced(None, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), None)
     assert not isinstance(err.value, NotImplementedError)
+
+
+# a narrowed FA2 (nox -s build_flash -- fa2) says what it holds in flash_attn/build_config.py: on the
+# H200 a head dim it left out died with SIGSEGV although its dispatch has a TORCH_CHECK for it
+
+
+def _fa2_record(monkeypatch, head_dims=(64,), dtypes=("bfloat16", "float32"), defines=()) -> None:
+    from parity.backend import flash_build
+
+    mod = types.ModuleType(flash_build.FA2_RECORD_MODULE)
+    exec(flash_build.fa2_record_text(list(head_dims), list(dtypes), list(defines)), mod.__dict__)
+    monkeypatch.setitem(sys.modules, flash_build.FA2_RECORD_MODULE, mod)
+
+
+def _fa2_dies(*args, **kwargs):
+    pytest.fail("the FA2 kernel was called with a head dim its build lacks (on the GPU: SIGSEGV)")
+
+
+def test_fa2_build_without_the_head_dim_is_refused_before_the_call(fake_flash, monkeypatch) -> None:
+    _fa2_record(monkeypatch)
+    monkeypatch.setattr(sys.modules["flash_attn"], "flash_attn_varlen_func", _fa2_dies)
+    attention.use_kernels({PARITY_FA2: "flash_attn"})
+    with pytest.raises(NotImplementedError) as err:
+        _flash_call(PARITY_FA2, dim=96)
+    message = str(err.value)
+    assert "head dim 96 (built for head dims 64)" in message and "build_flash -- fa2" in message
+    assert "--config PATH" in message  # how a model outside the registry gets its kernels
+    assert patch_runner.classify(err.value, "forward")[0] == "unsupported"
+
+
+def test_fa2_build_with_the_head_dim_runs_it(fake_flash, monkeypatch) -> None:
+    """Control: a head dim the build covers (on the next wider kernel, as FA2 dispatches) runs."""
+    seen, _ = fake_flash
+    _fa2_record(monkeypatch, head_dims=(32, 64))
+    attention.use_kernels({PARITY_FA2: "flash_attn"})
+    out = _flash_call(PARITY_FA2, dim=48)
+    assert "flash_attn" in seen
+    assert _rel(out, _flash_call(PARITY_SDPA, dim=48)) < 1e-5  # two fp32 paths; logits of tens at dim 48
+
+
+def test_fa2_build_record_names_dtype_and_softcap(monkeypatch) -> None:
+    from parity.backend import flash_build
+
+    _fa2_record(monkeypatch, dtypes=("bfloat16",), defines=("FLASHATTENTION_DISABLE_SOFTCAP",))
+    assert flash_build.fa2_build_gaps(head_dim=64, dtype="float16", softcap=True) == [
+        "float16 (built for bfloat16)",
+        "logit soft-capping (softcap) (FLASHATTENTION_DISABLE_SOFTCAP)",
+    ]
+    assert flash_build.fa2_build_gaps(head_dim=64, dtype="bfloat16", softcap=False) == []
+
+
+def test_fa2_without_a_build_record_is_not_second_guessed(fake_flash, monkeypatch) -> None:
+    """The PyPI / full builds have every head dim: no record, nothing refused (the fake module has none)."""
+    from parity.backend import flash_build
+
+    monkeypatch.delitem(sys.modules, flash_build.FA2_RECORD_MODULE, raising=False)
+    assert flash_build.fa2_build_record() is None
+    assert flash_build.fa2_build_gaps(head_dim=512, dtype="float16", softcap=True) == []
+    attention.use_kernels({PARITY_FA2: "flash_attn"})
+    _flash_call(PARITY_FA2, dim=96)
+
+
+def test_transformers_fa2_path_is_refused_before_the_call(monkeypatch) -> None:
+    """transformers' flash_attention_2 on flash_attn: the trace refuses what the build lacks first."""
+    from parity.harness import backend_trace
+
+    _fa2_record(monkeypatch, dtypes=("bfloat16",))
+    q = torch.zeros(1, 4, 40, 128, dtype=torch.bfloat16, requires_grad=True)
+    k = v = torch.zeros(1, 2, 40, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(backend_trace, "hf_flash_provider", lambda: "flash_attn")
+    traced = backend_trace.BackendTrace()._wrap("attention", "flash_attention_2", _fa2_dies)
+    with pytest.raises(NotImplementedError, match="head dim 128 \\(built for head dims 64\\)") as err:
+        traced(None, q, k, v, None)
+    assert "transformers' flash_attention_2 (flash_attn)" in str(err.value)
+    assert patch_runner.classify(err.value, "forward")[0] == "unsupported"
+    # a hub kernel serving transformers is not that build: its call goes through (the provider check
+    # then fails the mode for not being the variant's library)
+    monkeypatch.setattr(backend_trace, "hf_flash_provider", lambda: "hub:kernels-community/flash-attn2")
+    ran = []
+    hub = backend_trace.BackendTrace()._wrap("attention", "flash_attention_2", lambda *a, **kw: ran.append(1))
+    hub(None, q, k, v, None)
+    assert ran == [1]

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from parity import settings
+from parity.backend.flash_build import refuse_fa2_build_gaps
 from parity.backend.kernel_log import KernelLog
 from parity.backend.parallel_state import get_sp_group
 from parity.backend.ulysses import (
@@ -319,6 +320,13 @@ def _torch_window(window: int | None, causal: bool) -> tuple[int, int]:
 def _varlen_flash_attn(q, k, v, cu, max_len, *, causal, scale, dropout, window, softcap=None) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
+    refuse_fa2_build_gaps(
+        FLASH_ATTN,
+        head_dim=q.shape[-1],
+        dtype=str(q.dtype).removeprefix("torch."),
+        softcap=softcap is not None,
+        dropout=bool(dropout),
+    )
     ws = _flash_window(window, causal)
     extra = {} if softcap is None else {"softcap": float(softcap)}  # flash_attn: 0.0 means off
     return flash_attn_varlen_func(

@@ -52,17 +52,33 @@ def hf_flash_provider() -> str | None:
 
 
 def refuse_what_the_flash_build_lacks(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise NotImplementedError before transformers' FA3 path calls a build without the needed feature.
+    """Raise NotImplementedError before transformers' flash path calls a build without the needed feature.
 
-    transformers passes ``sliding_window`` (when the keys outrun it) and ``softcap`` straight to
-    ``flash_attn_interface``; a stable-ABI FA3 build compiled without them kills the process instead of
-    raising, so the mode would be a crash of the tool, not the ``unsupported`` it is.
+    transformers passes ``sliding_window`` (when the keys outrun it), ``softcap`` and the head dim
+    straight to the flash library; a stable-ABI FA3 build compiled without them, and a narrowed FA2
+    without the head dim, kill the process instead of raising, so the mode would be a crash of the
+    tool, not the ``unsupported`` it is. FA2's record is consulted only while flash_attn is (or may
+    be) the provider: a hub kernel is not that build.
     """
-    if "flash_attention_3" not in key or len(args) < 3:
+    if len(args) < 3 or not ("flash_attention_3" in key or "flash_attention_2" in key):
+        return
+    query, keys = args[1], args[2]
+    if "flash_attention_2" in key:
+        from parity.backend.attention import FLASH_ATTN
+        from parity.backend.flash_build import refuse_fa2_build_gaps
+
+        if hf_flash_provider() not in (None, FLASH_ATTN):
+            return
+        refuse_fa2_build_gaps(
+            f"transformers' {key} ({FLASH_ATTN})",
+            head_dim=query.shape[-1],
+            dtype=str(query.dtype).removeprefix("torch."),
+            softcap=kwargs.get("softcap") is not None,
+            dropout=bool(kwargs.get("dropout")),
+        )
         return
     from parity.backend.attention import FLASH_ATTN_INTERFACE, refuse_fa3_build_gaps
 
-    query, keys = args[1], args[2]
     window = kwargs.get("sliding_window")
     key_len = keys.shape[2] if getattr(keys, "dim", lambda: 0)() == 4 else None
     refuse_fa3_build_gaps(
