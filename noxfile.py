@@ -138,10 +138,10 @@ def build_flash(session: nox.Session) -> None:
     `nox -s patch -- --config`) and the suites' dtype (FA3: its FLASH_ATTENTION_DISABLE_* switches;
     FA2: FLASH_ATTN_CUDA_ARCHS and only the kernel files in use, --full for all). A narrowed FA2
     carries flash_attn/build_config.py; a model needing a head dim it lacks is then `unsupported`
-    with that reason instead of a crash. FA2 builds the PyPI sdist unless --source names a tarball or tree; FA3 needs
-    --source (a flash-attention tree or tarball with hopper/). The wheel, its flags (<wheel>.json) and
-    the build log go into the wheelhouse (PARITY_WHEELHOUSE, default .nox/wheelhouse); the same
-    request again finds it there. Skipped without a GPU (or --arch) or nvcc.
+    with that reason instead of a crash. FA2 builds the PyPI sdist unless --source names a tarball or
+    tree; FA3 needs --source (a flash-attention tree or tarball with hopper/). The wheel, its flags
+    (<wheel>.json) and the build log go into the wheelhouse (PARITY_WHEELHOUSE, default
+    .nox/wheelhouse); the same request again finds it there. Skipped without a GPU (or --arch) or nvcc.
     """
     flash_build.run_build_flash(session)
 
