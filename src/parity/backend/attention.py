@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from parity import settings
-from parity.backend.flash_build import refuse_fa2_build_gaps
+from parity.backend.flash_build import refuse_build_gaps, refuse_fa2_build_gaps
 from parity.backend.kernel_log import KernelLog
 from parity.backend.parallel_state import get_sp_group
 from parity.backend.ulysses import (
@@ -323,7 +323,7 @@ def _varlen_flash_attn(q, k, v, cu, max_len, *, causal, scale, dropout, window, 
     refuse_fa2_build_gaps(
         FLASH_ATTN,
         head_dim=q.shape[-1],
-        dtype=str(q.dtype).removeprefix("torch."),
+        dtype=q.dtype,
         softcap=softcap is not None,
         dropout=bool(dropout),
     )
@@ -399,15 +399,14 @@ def fa3_build_gaps(
 
 
 def refuse_fa3_build_gaps(provider: str, **call: Any) -> None:
-    """NotImplementedError naming what the FA3 build lacks, before a call that would kill the process."""
-    gaps = fa3_build_gaps(**call)
-    if gaps:
-        raise NotImplementedError(
-            f"{provider}: this FA3 build was compiled without "
-            + "; ".join(gaps)
-            + " (flash_attn_config.CONFIG); rebuild with `nox -s build_flash -- fa3`, which keeps what the "
-            "registry's models need"
-        )
+    """Refuse what the installed FA3 build lacks, before a call that would kill the process."""
+    refuse_build_gaps(
+        provider,
+        "FA3",
+        fa3_build_gaps(**call),
+        "flash_attn_config.CONFIG",
+        "rebuild with `nox -s build_flash -- fa3`, which keeps what the registry's models need",
+    )
 
 
 def _varlen_fa3(q, k, v, cu, max_len, *, causal, scale, dropout, window, softcap=None) -> torch.Tensor:

@@ -55,12 +55,12 @@ def fa2_build_record() -> dict[str, Any] | None:
 
 
 def fa2_build_gaps(
-    *, head_dim: int | None, dtype: str | None, softcap: bool, dropout: bool = False
+    *, head_dim: int | None, dtype: object | None, softcap: bool, dropout: bool = False
 ) -> list[str]:
     """What of this call the installed FA2 build was compiled without (empty: it can run it).
 
     FA2 runs a head dim on the smallest compiled head-dim kernel at least as wide, as its dispatch does.
-    ``dtype`` is the torch dtype's name without the ``torch.`` prefix (``bfloat16``).
+    ``dtype`` is a torch dtype or its name (``torch.bfloat16``, ``bfloat16``); this module stays torch-free.
     """
     record = fa2_build_record()
     if not record:
@@ -70,21 +70,34 @@ def fa2_build_gaps(
     if head_dim is not None and kernels and not any(head_dim <= k for k in kernels):
         gaps.append(f"head dim {head_dim} (built for head dims {', '.join(map(str, kernels))})")
     dtypes = list(record.get("dtypes") or [])
-    if dtype is not None and dtypes and dtype not in dtypes:
-        gaps.append(f"{dtype} (built for {', '.join(dtypes)})")
+    name = None if dtype is None else str(dtype).removeprefix("torch.")
+    if name is not None and dtypes and name not in dtypes:
+        gaps.append(f"{name} (built for {', '.join(dtypes)})")
     defines = set(record.get("defines") or [])
     wanted = {"FLASHATTENTION_DISABLE_SOFTCAP": softcap, "FLASHATTENTION_DISABLE_DROPOUT": dropout}
     gaps += [f"{FA2_DISABLED_FEATURES[d]} ({d})" for d, needed in wanted.items() if needed and d in defines]
     return gaps
 
 
-def refuse_fa2_build_gaps(provider: str, **call: Any) -> None:
-    """NotImplementedError naming what the FA2 build lacks, before a call that would kill the process."""
-    gaps = fa2_build_gaps(**call)
+def refuse_build_gaps(provider: str, build: str, gaps: list[str], record: str, remedy: str) -> None:
+    """NotImplementedError naming what a flash build lacks (from its ``record``), before the call.
+
+    NotImplementedError is what makes the mode ``unsupported``: the build cannot run the model, which
+    is neither the model's fault nor the tool's.
+    """
     if gaps:
         raise NotImplementedError(
-            f"{provider}: this flash-attn build was compiled without "
-            + "; ".join(gaps)
-            + f" ({FA2_RECORD_MODULE}); rebuild with `nox -s build_flash -- fa2` (add `--config PATH` for a "
-            "model outside the registry, or `--full` for every head dim)"
+            f"{provider}: this {build} build was compiled without {'; '.join(gaps)} ({record}); {remedy}"
         )
+
+
+def refuse_fa2_build_gaps(provider: str, **call: Any) -> None:
+    """Refuse what the installed FA2 build lacks, before a call that would kill the process."""
+    refuse_build_gaps(
+        provider,
+        "flash-attn",
+        fa2_build_gaps(**call),
+        FA2_RECORD_MODULE,
+        "rebuild with `nox -s build_flash -- fa2` (add `--config PATH` for a model outside the registry, "
+        "or `--full` for every head dim)",
+    )

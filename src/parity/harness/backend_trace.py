@@ -72,7 +72,7 @@ def refuse_what_the_flash_build_lacks(key: str, args: tuple[Any, ...], kwargs: d
         refuse_fa2_build_gaps(
             f"transformers' {key} ({FLASH_ATTN})",
             head_dim=query.shape[-1],
-            dtype=str(query.dtype).removeprefix("torch."),
+            dtype=query.dtype,
             softcap=kwargs.get("softcap") is not None,
             dropout=bool(kwargs.get("dropout")),
         )
